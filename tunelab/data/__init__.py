@@ -1,0 +1,1 @@
+"""Data layer: read sources, normalise formats, render with the chat template, batch."""
