@@ -124,3 +124,247 @@ def resolve_model_source(name: str | None) -> str:
             "'HuggingFaceTB/SmolLM2-135M-Instruct', or leave it unset for the bundled default"
         )
     return name
+
+
+# --- dtype --------------------------------------------------------------------------------
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix units (Intel AMX or AVX512-BF16), where bf16 beats fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` -> bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' per-tensor loading bars; tunelab shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token if it has none.
+
+    Padding never decides what is trained: labels are masked by position when batches are
+    built, so a pad id equal to the EOS id (as in SmolLM2) cannot hide EOS from the loss.
+    """
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise TunelabError(f"cannot load a tokenizer from '{source}': {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    source: str,
+    *,
+    dtype: torch.dtype,
+    bits: Literal[4, 8] | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+):
+    """Load a causal LM from a resolved source, optionally quantized to 4/8 bits (bitsandbytes)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _quiet_transformers()
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    if bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    elif bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if bits is not None and device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device).index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise TunelabError(
+            f"cannot load model '{source}': {err}\n  fix: give a local model directory or .gguf file, "
+            "or a hub id on a machine with network access"
+        ) from None
+    if bits is None and device is not None:
+        model.to(device)
+    return model
+
+
+def add_lora(
+    model,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str = "all-linear",
+    use_dora: bool = False,
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """Wrap a base model with LoRA (or DoRA) adapters; the base stays frozen.
+
+    Adapter weights are kept in fp32 even when the base is bf16 (peft's
+    `autocast_adapter_dtype`), so small updates are not rounded away.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # Casts norms to fp32 and enables input grads; required for stable 4-bit training.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        use_dora=use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise TunelabError(f"lora.target_modules: {err}") from None
+
+
+def freeze_parameters(model, patterns: list[str]) -> int:
+    """Full fine-tuning: freeze parameters whose names match any glob pattern; returns how many tensors."""
+    import fnmatch
+
+    frozen = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(True)
+        if any(fnmatch.fnmatch(name, p) for p in patterns):
+            param.requires_grad_(False)
+            frozen += 1
+    if patterns and frozen == 0:
+        raise TunelabError(f"full.freeze: no parameter name matches {patterns} (names look like 'model.layers.0.mlp.up_proj.weight')")
+    return frozen
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+# --- saved models and runs --------------------------------------------------------------------
+
+
+def write_model_meta(directory: Path, *, base_model: str | None, method: str) -> None:
+    """Record which base a saved adapter/model came from (as the user named it, not a cache path)."""
+    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method}
+    (directory / RUN_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def resolve_weights_dir(source: str) -> Path | None:
+    """For a run folder return its final/ dir; for a checkpoint or model dir return itself; else None."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "final").is_dir():
+        return path / "final"
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        raise TunelabError(f"run '{source}' has no final/ model yet; point at one of its checkpoints/step-N folders")
+    raise TunelabError(f"'{source}' is a directory but holds no model (no config.json or adapter_config.json)")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: EOS plus chat-template end markers that exist in the vocab."""
+    ids = []
+    for token in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def load_for_inference(
+    source: str | None,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    merge: bool = True,
+):
+    """Load a run folder, checkpoint, adapter, model dir, .gguf, hub id or the bundled default.
+
+    Returns (model, tokenizer) in eval mode. The tokenizer (and so the chat template) is
+    the one saved with the run. LoRA adapters are merged into the base for faster
+    generation unless `merge=False` or the base is quantized.
+    """
+    torch_device = torch.device(device) if device else default_device()
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    weights_dir = resolve_weights_dir(source) if source not in (None, DEFAULT_MODEL) else None
+    if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        meta_path = weights_dir / RUN_META_FILE
+        if meta_path.is_file():
+            base_name = json.loads(meta_path.read_text())["base_model"]
+        else:
+            base_name = json.loads((weights_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_source = resolve_model_source(base_name)
+        has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
+        base = load_base_model(base_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        model = PeftModel.from_pretrained(base, weights_dir)
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model_source = str(weights_dir) if weights_dir is not None else resolve_model_source(source)
+        tokenizer = load_tokenizer(model_source, trust_remote_code=trust_remote_code)
+        model = load_base_model(model_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+    model.eval()
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

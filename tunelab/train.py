@@ -1,0 +1,626 @@
+"""The training recipe: setup -> train -> save, on Accelerate.
+
+Read `train()` top to bottom: it unpacks the config, loads the model and data, builds
+the optimizer and schedule, runs the loop (gradient accumulation, clipping, eval,
+logging, atomic checkpoints) and writes the run folder. The same code runs on CPU,
+one GPU, or many GPUs/machines under `accelerate launch`.
+
+Loss normalisation: every optimizer step's loss is the mean over ALL target tokens
+of its micro-batches on all processes. Each micro-batch contributes its summed token
+losses divided by that global count, so batch 8 x accumulation 1 and batch 1 x
+accumulation 8 produce the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from tunelab.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_training_state,
+    publish_directory,
+    save_checkpoint,
+)
+from tunelab.config import RunConfig, config_to_yaml
+from tunelab.console import console
+from tunelab.errors import TunelabError
+
+IGNORE_INDEX = -100
+# Rows of hidden states pushed through the vocabulary head at once: bounds the fp32
+# logits buffer to chunk x vocab floats (2048 x 49152 x 4 B = 400 MB at most).
+LOSS_CHUNK_TOKENS = 2048
+
+
+# --- loss -------------------------------------------------------------------------------------
+
+
+class TargetTokenLoss(torch.nn.Module):
+    """Wraps a causal LM; forward returns (summed cross-entropy over target tokens, their count).
+
+    The vocabulary head runs only at positions whose next token is a target, in chunks,
+    with a float32 softmax: prompt and padding positions cost no head FLOPs and the full
+    (batch x length x vocab) logits tensor never exists. Being a Module, it is what
+    Accelerate wraps for DDP, so gradient sync still happens.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        causal_lm = unwrap_peft(self.model)
+        hidden = causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        # Position t predicts token t+1 (labels are aligned with input_ids, HF style).
+        targets = labels[:, 1:]
+        is_target = targets != IGNORE_INDEX
+        hidden_at_targets = hidden[:, :-1][is_target]
+        target_ids = targets[is_target]
+        head = causal_lm.get_output_embeddings()
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, target_ids.numel(), LOSS_CHUNK_TOKENS):
+            logits = head(hidden_at_targets[start : start + LOSS_CHUNK_TOKENS]).float()
+            loss_sum = loss_sum + F.cross_entropy(logits, target_ids[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
+        return loss_sum, is_target.sum()
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers are injected in place)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens in a batch (positions 1.. whose label is not ignored)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# --- optimizer and schedule -------------------------------------------------------------------
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases (1-D tensors) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model, *, name: str, learning_rate: float, weight_decay: float, betas: tuple[float, float]):
+    groups = parameter_groups(model, weight_decay)
+    if name == "adamw":
+        on_cuda = next(model.parameters()).is_cuda
+        # fused on CUDA (one kernel for all tensors); foreach on CPU (vectorised across tensors).
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=on_cuda, foreach=not on_cuda)
+    import bitsandbytes as bnb
+
+    optimizer_class = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return optimizer_class(groups, lr=learning_rate, betas=betas)
+
+
+def build_scheduler(optimizer, *, name: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[name]
+    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+# --- precision --------------------------------------------------------------------------------
+
+
+@dataclass
+class PrecisionPlan:
+    """How numbers are stored and computed: frozen weights dtype, Accelerate autocast mode."""
+
+    weights: torch.dtype  # dtype the base model is loaded in
+    mixed_precision: str  # Accelerate mode: "no", "bf16" or "fp16"
+    label: str
+
+
+def plan_precision(precision: str, *, method: str, device: torch.device) -> PrecisionPlan:
+    """Pick storage and compute dtypes. Trainable parameters and optimizer state stay fp32.
+
+    Adapter methods keep the frozen base directly in bf16 (no autocast copies of the
+    weights each step); full fine-tuning keeps fp32 master weights under autocast.
+    fp16 always uses autocast with loss scaling.
+    """
+    from tunelab.models import resolve_dtype
+
+    dtype = resolve_dtype(precision, device)
+    if dtype == torch.float32:
+        return PrecisionPlan(torch.float32, "no", "fp32")
+    if dtype == torch.float16:
+        weights = torch.float16 if method in ("lora", "dora", "qlora") else torch.float32
+        return PrecisionPlan(weights, "fp16", "fp16 autocast + loss scaling")
+    if method in ("lora", "dora", "qlora"):
+        return PrecisionPlan(torch.bfloat16, "no", "bf16 base weights, fp32 adapters")
+    return PrecisionPlan(torch.float32, "bf16", "bf16 autocast, fp32 weights")
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, config_yaml: str, *, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; refuse to clobber another run's results unless told to."""
+    existing = run_dir / "config.yaml"
+    has_results = (run_dir / "final").exists() or (run_dir / "checkpoints").exists()
+    if resume:
+        if existing.is_file() and _comparable(existing.read_text()) != _comparable(config_yaml):
+            raise TunelabError(
+                f"{run_dir} holds a run with a different config, so it cannot be resumed with this one.\n"
+                "  fix: resume with the run's own config.yaml, or choose another output.name"
+            )
+    elif has_results and not overwrite:
+        raise TunelabError(
+            f"{run_dir} already holds a run.\n"
+            "  fix: --resume to continue it, --overwrite (output.overwrite=true) to start it again, "
+            "or another output.name / --output"
+        )
+    elif has_results and overwrite:
+        for name in ("final", "checkpoints", "metrics.jsonl", "eval.json", "report.html", "eval"):
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", config_yaml)
+
+
+def _comparable(config_yaml: str) -> dict:
+    """A config without the keys that may change between a run and its resumption."""
+    import yaml
+
+    data = yaml.safe_load(config_yaml) or {}
+    for section, key in (("training", "resume"), ("output", "overwrite")):
+        data.get(section, {}).pop(key, None)
+    return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_model_files(model, tokenizer, directory: Path, *, base_model: str | None, method: str) -> None:
+    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template."""
+    from tunelab.models import write_model_meta
+
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    write_model_meta(directory, base_model=base_model, method=method)
+
+
+def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None:
+    """Load a checkpoint's weights into the live model (adapter tensors, or the full state)."""
+    from safetensors.torch import load_file
+
+    if is_adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    state = {}
+    for shard in sorted(checkpoint.glob("model*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise TunelabError(f"checkpoint {checkpoint} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (and to Accelerate trackers)."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, *, resume_step: int):
+        self.path = path
+        self.accelerator = accelerator
+        if accelerator.is_main_process:
+            kept = []
+            if resume_step > 0 and path.is_file():  # drop entries past the checkpoint we resume from
+                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
+    """Mean loss per target token over the eval batches (all processes)."""
+    loss_module.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        with accelerator.autocast():
+            loss_sum, count = loss_module(**_to_device(batch, accelerator.device))
+        total += torch.stack([loss_sum.double(), count.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    loss_module.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --- the recipe -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    state: TrainState
+    eval_loss: float | None
+    train_loss: float | None
+    trainable_params: int
+    total_params: int
+    tokens_per_second: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def run_name(config: RunConfig, config_path: str | None) -> str:
+    if config.output.name:
+        return config.output.name
+    return Path(config_path).stem if config_path else "run"
+
+
+def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune as the config says and write the run folder. Returns where and how it went."""
+    from tunelab.data.dataset import build_datasets
+    from tunelab.data.render import set_chat_template
+    from tunelab.models import (
+        add_lora,
+        count_parameters,
+        freeze_parameters,
+        load_base_model,
+        load_tokenizer,
+        resolve_model_source,
+    )
+
+    # ---- setup: unpack the config -----------------------------------------------------------
+    cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
+    method = config.method
+    if cfg_data.train is None:
+        raise TunelabError("data.train is not set.\n  fix: --data PATH, or data.train in the config")
+    run_dir = Path(config.output.dir) / run_name(config, config_path)
+    resume = cfg_train.resume in (True, "auto")
+    if cfg_train.resume == "auto" and latest_checkpoint(run_dir / "checkpoints") is None:
+        resume = False
+    prepare_run_dir(run_dir, config_to_yaml(config), resume=resume, overwrite=config.output.overwrite)
+
+    if cfg_train.num_threads:
+        torch.set_num_threads(cfg_train.num_threads)
+    trackers = config.logging.trackers
+    check_trackers_installed(trackers)
+    probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    precision = plan_precision(cfg_train.precision, method=method, device=probe_device)
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+    )
+    set_seed(cfg_train.seed)
+    say = (lambda *a, **k: None) if quiet or not accelerator.is_main_process else console.print
+
+    # ---- model --------------------------------------------------------------------------------
+    source = resolve_model_source(cfg_model.name)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg_model.trust_remote_code)
+    # The template used here is saved with the run (final/ tokenizer) and reused at inference.
+    added_tokens: list[str] = []
+    if not tokenizer.chat_template and cfg_data.format != "text":
+        added_tokens = set_chat_template(tokenizer, cfg_data.chat_template or "chatml")
+    quant = config.quantization
+    model = load_base_model(
+        source,
+        dtype=precision.weights,
+        bits=quant.bits,
+        quant_type=quant.quant_type,
+        double_quant=quant.double_quant,
+        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype],
+        attn_implementation=cfg_model.attn_implementation,
+        trust_remote_code=cfg_model.trust_remote_code,
+        device=accelerator.device,
+    )
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg_train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    is_adapter = method in ("lora", "dora", "qlora")
+    if is_adapter:
+        model = add_lora(
+            model,
+            r=config.lora.r,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            use_dora=method == "dora",
+            quantized=quant.bits is not None,
+            gradient_checkpointing=cfg_train.gradient_checkpointing,
+        )
+    else:
+        model = model.float() if precision.weights != torch.float32 else model
+        freeze_parameters(model, config.full.freeze)
+    model.config.use_cache = False  # no KV cache in training: packed rows stay isolated
+    trainable, total = count_parameters(model)
+    say(
+        f"[bold]model[/] {cfg_model.name or 'default (SmolLM2-135M-Instruct)'}  method={method}  "
+        f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)  precision: {precision.label}  "
+        f"device: {accelerator.device}",
+        highlight=False,
+    )
+
+    # ---- data ---------------------------------------------------------------------------------
+    data = build_datasets(
+        train_source=cfg_data.train,
+        eval_source=cfg_data.eval,
+        tokenizer=tokenizer,
+        fmt=cfg_data.format,
+        fields=cfg_data.fields.model_dump() if cfg_data.fields else None,
+        hf_config=cfg_data.hf_config,
+        split=cfg_data.split,
+        eval_split=cfg_data.eval_split,
+        system_prompt=cfg_data.system_prompt,
+        max_length=cfg_data.max_seq_length,
+        truncation=cfg_data.truncation,
+        train_on_prompt=cfg_data.train_on_prompt,
+        dedupe=cfg_data.dedupe,
+        min_tokens=cfg_data.min_tokens,
+        limit=cfg_data.limit,
+        eval_fraction=cfg_data.eval_fraction,
+        eval_limit=config.evaluation.limit,
+        skip_invalid=cfg_data.skip_invalid,
+        seed=cfg_train.seed,
+    )
+    say(f"[bold]data[/] {data.summary()}", highlight=False)
+    batches_per_epoch = data.num_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+    world = accelerator.num_processes
+    micro_per_process = batches_per_epoch // world
+    if micro_per_process == 0:
+        raise TunelabError(
+            f"{len(data.train)} training examples make {batches_per_epoch} batches, fewer than {world} processes.\n"
+            "  fix: more data or a smaller training.batch_size"
+        )
+    accum = cfg_train.gradient_accumulation_steps
+    steps_per_epoch = max(1, micro_per_process // accum)
+    total_steps = cfg_train.max_steps or steps_per_epoch * cfg_train.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
+    warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
+
+    # ---- optimizer, schedule, state -------------------------------------------------------------
+    loss_module = TargetTokenLoss(model)
+    optimizer = build_optimizer(
+        model,
+        name=cfg_train.optimizer,
+        learning_rate=cfg_train.learning_rate,
+        weight_decay=cfg_train.weight_decay,
+        betas=cfg_train.adam_betas,
+    )
+    scheduler = build_scheduler(optimizer, name=cfg_train.lr_scheduler, warmup_steps=warmup, total_steps=total_steps)
+    if cfg_train.compile:
+        loss_module = torch.compile(loss_module)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    state = TrainState()
+    checkpoints_dir = run_dir / "checkpoints"
+    if resume:
+        checkpoint = latest_checkpoint(checkpoints_dir)
+        if checkpoint is None:
+            raise TunelabError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        load_trainable_weights(model, checkpoint, is_adapter=is_adapter)
+        state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
+    if trackers:
+        accelerator.init_trackers(config.logging.project, config=json.loads(json.dumps(config.model_dump(mode="json"))))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
+    eval_batches = data.eval_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+    eval_batches = eval_batches[accelerator.process_index :: world]
+    eval_every = cfg_train.eval_steps or steps_per_epoch
+    save_every = cfg_train.save_steps or steps_per_epoch
+
+    def save_weights(directory: Path) -> None:
+        save_model_files(accelerator.unwrap_model(loss_module).model if not cfg_train.compile else model, tokenizer, directory,
+                         base_model=cfg_model.name, method=method)
+
+    say(
+        f"[bold]plan[/] {total_steps} steps = {epochs} epoch(s) x {steps_per_epoch} steps; "
+        f"{world} process(es) x batch {cfg_train.batch_size} x accumulation {accum}; warmup {warmup}; "
+        f"lr {cfg_train.learning_rate:g} {cfg_train.lr_scheduler}",
+        highlight=False,
+    )
+
+    # ---- train ----------------------------------------------------------------------------------
+    from rich.progress import TextColumn
+
+    from tunelab.console import progress
+
+    loss_module.train()
+    history: list[dict] = []
+    last_eval: float | None = state.best_eval_loss
+    window_loss = window_tokens = 0.0
+    window_start = time.perf_counter()
+    run_start = time.perf_counter()
+    tokens_this_run = 0
+    stop = False
+    bar = progress(TextColumn("{task.fields[info]}"))
+    bar.disable = quiet or not accelerator.is_main_process
+    with bar:
+        task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
+        while state.global_step < total_steps and not stop:
+            plan = data.epoch_plan(
+                cfg_train.batch_size, seed=cfg_train.seed, epoch=state.epoch,
+                packing=cfg_data.packing, max_length=cfg_data.max_seq_length,
+            )
+            my_batches = plan[accelerator.process_index : micro_per_process * world : world]
+            while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
+                micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
+                # Normalise by the target tokens of the whole step, on all processes.
+                step_tokens = accelerator.reduce(
+                    torch.tensor(sum(count_targets(b) for b in micro), device=accelerator.device), reduction="sum"
+                ).item()
+                step_loss = 0.0
+                for i, batch in enumerate(micro):
+                    sync = accelerator.no_sync(loss_module) if i < accum - 1 else _nullcontext()
+                    with sync, accelerator.autocast():
+                        loss_sum, _ = loss_module(**_to_device(batch, accelerator.device))
+                        # DDP averages gradients over processes; scale by `world` so the result is
+                        # the mean over the step's global target tokens.
+                        loss = loss_sum * (world / max(step_tokens, 1))
+                    accelerator.backward(loss)
+                    step_loss += loss_sum.item()
+                grad_norm = None
+                if cfg_train.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.batch_index += accum
+                state.tokens_seen += int(step_tokens)
+                tokens_this_run += int(step_tokens)
+                global_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum").item()
+                window_loss += global_loss
+                window_tokens += step_tokens
+
+                if state.global_step % cfg_train.logging_steps == 0 or state.global_step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": state.global_step,
+                        "epoch": round(state.epoch + state.batch_index / max(len(my_batches), 1), 4),
+                        "loss": round(window_loss / max(window_tokens, 1), 6),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": round(grad_norm, 6) if grad_norm is not None else None,
+                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2),
+                        "tokens": state.tokens_seen,
+                        "time": round(time.perf_counter() - run_start, 3),
+                    }
+                    metrics.log(record)
+                    history.append(record)
+                    bar.update(task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
+                    window_loss = window_tokens = 0.0
+                    window_start = time.perf_counter()
+                bar.update(task, completed=state.global_step)
+
+                if eval_batches and (state.global_step % eval_every == 0 or state.global_step == total_steps):
+                    last_eval = evaluate_loss(loss_module, eval_batches, accelerator)
+                    record = {"step": state.global_step, "eval_loss": round(last_eval, 6),
+                              "eval_ppl": round(math.exp(min(last_eval, 50)), 4)}
+                    metrics.log(record)
+                    history.append(record)
+                    say(f"  step {state.global_step}: eval loss {last_eval:.4f}  perplexity {record['eval_ppl']:.3f}", highlight=False)
+                    if state.best_eval_loss is None or last_eval < state.best_eval_loss:
+                        state.best_eval_loss = last_eval
+                        state.evals_without_improvement = 0
+                    else:
+                        state.evals_without_improvement += 1
+                        patience = cfg_train.early_stopping_patience
+                        if patience and state.evals_without_improvement >= patience:
+                            say(f"[yellow]early stopping[/]: no eval improvement in {patience} evaluations")
+                            stop = True
+
+                if state.global_step % save_every == 0 and state.global_step < total_steps and not stop:
+                    if accelerator.is_main_process:
+                        save_checkpoint(checkpoints_dir, save_weights=save_weights, optimizer=optimizer,
+                                        scheduler=scheduler, state=state, keep=cfg_train.keep_checkpoints)
+                    accelerator.wait_for_everyone()
+                if stop:
+                    break
+            if not stop and state.global_step < total_steps:
+                state.epoch += 1
+                state.batch_index = 0
+
+    # ---- save -----------------------------------------------------------------------------------
+    seconds = time.perf_counter() - run_start
+    final_dir = run_dir / "final"
+    if accelerator.is_main_process:
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_weights(tmp)
+        publish_directory(tmp, final_dir)
+        train_losses = [r["loss"] for r in history if "loss" in r]
+        eval_record = {
+            "step": state.global_step,
+            "eval_loss": last_eval,
+            "eval_perplexity": math.exp(min(last_eval, 50)) if last_eval is not None else None,
+            "train_loss": train_losses[-1] if train_losses else None,
+            "train_tokens": state.tokens_seen,
+            "train_seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 2),
+            "trainable_params": trainable,
+            "total_params": total,
+            "precision": precision.label,
+            "device": str(accelerator.device),
+            "num_processes": world,
+        }
+        write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    train_losses = [r["loss"] for r in history if "loss" in r]
+    return TrainResult(
+        run_dir=run_dir,
+        final_dir=final_dir,
+        state=state,
+        eval_loss=last_eval,
+        train_loss=train_losses[-1] if train_losses else None,
+        trainable_params=trainable,
+        total_params=total,
+        tokens_per_second=tokens_this_run / max(seconds, 1e-9),
+        seconds=seconds,
+        history=history,
+    )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def check_trackers_installed(trackers: list[str]) -> None:
+    """Fail before loading anything if a configured tracker's package is missing."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    missing = [t for t in trackers if importlib.util.find_spec(packages[t]) is None]
+    if missing:
+        raise TunelabError(
+            f"logging.trackers: {', '.join(missing)} not installed.\n"
+            f"  fix: pip install {' '.join(packages[t] for t in missing)}   (or pip install 'tunelab[tracking]')"
+        )
+    if "wandb" in trackers and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network: log locally
