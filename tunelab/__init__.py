@@ -1,3 +1,32 @@
-"""tunelab: fine-tune language models on your own data (LoRA, DoRA, QLoRA, full)."""
+"""tunelab: fine-tune language models on your own data (LoRA, DoRA, QLoRA, full).
+
+Public API:
+    FineTuneConfig, FineTuner      configure, train, generate, save (tunelab.tuner)
+    RunConfig, load_config         the typed run config (tunelab.config)
+    train                          the training recipe: config -> run folder (tunelab.train)
+    load_for_inference             load a run / checkpoint / model dir / hub id / default model
+
+Names are imported on first use, so `tunelab --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "FineTuneConfig": "tunelab.tuner",
+    "FineTuner": "tunelab.tuner",
+    "RunConfig": "tunelab.config",
+    "load_config": "tunelab.config",
+    "train": "tunelab.train",
+    "load_for_inference": "tunelab.models",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -65,6 +65,7 @@ class DataConfig(Section):
     min_tokens: int = Field(0, ge=0, description="Drop examples shorter than this many tokens.")
     limit: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     skip_invalid: bool = Field(False, description="Skip bad records (and report how many) instead of failing.")
+    prepared: str | None = Field(None, description="Directory from `tunelab data prepare`, reused when it still matches.")
 
 
 class LoraSettings(Section):
@@ -347,7 +348,14 @@ def build_config(
             for line in _format_error(e, lines or {}, source, overridden):
                 if line not in problems:
                     problems.append(line)
-        raise ConfigError(problems) from None
+        raise ConfigError(sorted(problems, key=_line_number)) from None
+
+
+def _line_number(problem: str) -> int:
+    """Sort key: problems in file order; command-line and unlocated ones after."""
+    head = problem.split(": ", 1)[0]
+    number = head.rsplit(":", 1)[-1]
+    return int(number) if number.isdigit() else 1_000_000
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

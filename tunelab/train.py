@@ -13,6 +13,7 @@ accumulation 8 produce the same gradient.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -270,6 +271,32 @@ def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Te
     return float(total[0] / total[1].clamp(min=1))
 
 
+def accumulate_gradients(
+    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator
+) -> tuple[float, int]:
+    """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens), all processes.
+
+    Each micro-batch's summed token loss is divided by the step's global target-token
+    count, so the accumulated gradient is that of the mean over every target token of
+    the step, whatever the split into micro-batches and processes.
+    """
+    world = accelerator.num_processes
+    local_tokens = sum(count_targets(b) for b in micro_batches)
+    step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), reduction="sum").item())
+    local_loss = 0.0
+    for i, batch in enumerate(micro_batches):
+        # Sync gradients across processes only on the last micro-batch.
+        sync = accelerator.no_sync(loss_module) if i < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync, accelerator.autocast():
+            loss_sum, _ = loss_module(**_to_device(batch, accelerator.device))
+            # DDP averages gradients over processes; x world makes it the global token mean.
+            loss = loss_sum * (world / max(step_tokens, 1))
+        accelerator.backward(loss)
+        local_loss += loss_sum.item()
+    step_loss = accelerator.reduce(torch.tensor(local_loss, device=accelerator.device), reduction="sum").item()
+    return step_loss, step_tokens
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -289,6 +316,64 @@ class TrainResult:
     tokens_per_second: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    model: torch.nn.Module | None = None  # the trained model, still in memory (Python API)
+    tokenizer: object | None = None
+
+
+def dataset_arguments(config: RunConfig) -> dict:
+    """The config's data settings as explicit `build_datasets` arguments (tokenizer aside)."""
+    d = config.data
+    return dict(
+        train_source=d.train, eval_source=d.eval, fmt=d.format, fields=d.fields.model_dump() if d.fields else None,
+        hf_config=d.hf_config, split=d.split, eval_split=d.eval_split, system_prompt=d.system_prompt,
+        max_length=d.max_seq_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt, dedupe=d.dedupe,
+        min_tokens=d.min_tokens, limit=d.limit, eval_fraction=d.eval_fraction, eval_limit=config.evaluation.limit,
+        skip_invalid=d.skip_invalid, seed=config.training.seed,
+    )
+
+
+def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
+    """(resolved model source, tokenizer, tokens added) with the chat template this run trains with.
+
+    The template is saved with the run (final/ tokenizer), so inference renders prompts
+    exactly as training did. A tokenizer without one gets `data.chat_template` (default
+    chatml); new special tokens mean the embeddings must be resized.
+    """
+    from tunelab.data.render import set_chat_template
+    from tunelab.models import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(config.model.name)
+    tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
+    added: list[str] = []
+    if not tokenizer.chat_template and config.data.format != "text":
+        added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
+    return source, tokenizer, added
+
+
+def prepare_data(config: RunConfig, directory: Path):
+    """`tunelab data prepare`: tokenize the config's data once and save it with its fingerprint."""
+    from tunelab.data.dataset import build_datasets
+    from tunelab.data.prepared import data_fingerprint, save_prepared
+
+    _, tokenizer, _ = load_run_tokenizer(config)
+    args = dataset_arguments(config)
+    data = build_datasets(tokenizer=tokenizer, **args)
+    save_prepared(data, directory, data_fingerprint(args, tokenizer))
+    return data
+
+
+def load_training_data(config: RunConfig, tokenizer, say=console.print):
+    """Tokenized train/eval sets: from `data.prepared` when it still matches, else built now."""
+    from tunelab.data.dataset import build_datasets
+    from tunelab.data.prepared import data_fingerprint, load_prepared
+
+    args = dataset_arguments(config)
+    if config.data.prepared:
+        data, why_not = load_prepared(Path(config.data.prepared), data_fingerprint(args, tokenizer), tokenizer.pad_token_id)
+        if data is not None:
+            return data
+        say(f"[yellow]data.prepared not used[/]: {why_not}; tokenizing now", highlight=False)
+    return build_datasets(tokenizer=tokenizer, **args)
 
 
 def run_name(config: RunConfig, config_path: str | None) -> str:
@@ -299,16 +384,7 @@ def run_name(config: RunConfig, config_path: str | None) -> str:
 
 def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = False) -> TrainResult:
     """Fine-tune as the config says and write the run folder. Returns where and how it went."""
-    from tunelab.data.dataset import build_datasets
-    from tunelab.data.render import set_chat_template
-    from tunelab.models import (
-        add_lora,
-        count_parameters,
-        freeze_parameters,
-        load_base_model,
-        load_tokenizer,
-        resolve_model_source,
-    )
+    from tunelab.models import add_lora, count_parameters, freeze_parameters, load_base_model
 
     # ---- setup: unpack the config -----------------------------------------------------------
     cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
@@ -336,12 +412,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     say = (lambda *a, **k: None) if quiet or not accelerator.is_main_process else console.print
 
     # ---- model --------------------------------------------------------------------------------
-    source = resolve_model_source(cfg_model.name)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg_model.trust_remote_code)
-    # The template used here is saved with the run (final/ tokenizer) and reused at inference.
-    added_tokens: list[str] = []
-    if not tokenizer.chat_template and cfg_data.format != "text":
-        added_tokens = set_chat_template(tokenizer, cfg_data.chat_template or "chatml")
+    source, tokenizer, added_tokens = load_run_tokenizer(config)
     quant = config.quantization
     model = load_base_model(
         source,
@@ -383,27 +454,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     )
 
     # ---- data ---------------------------------------------------------------------------------
-    data = build_datasets(
-        train_source=cfg_data.train,
-        eval_source=cfg_data.eval,
-        tokenizer=tokenizer,
-        fmt=cfg_data.format,
-        fields=cfg_data.fields.model_dump() if cfg_data.fields else None,
-        hf_config=cfg_data.hf_config,
-        split=cfg_data.split,
-        eval_split=cfg_data.eval_split,
-        system_prompt=cfg_data.system_prompt,
-        max_length=cfg_data.max_seq_length,
-        truncation=cfg_data.truncation,
-        train_on_prompt=cfg_data.train_on_prompt,
-        dedupe=cfg_data.dedupe,
-        min_tokens=cfg_data.min_tokens,
-        limit=cfg_data.limit,
-        eval_fraction=cfg_data.eval_fraction,
-        eval_limit=config.evaluation.limit,
-        skip_invalid=cfg_data.skip_invalid,
-        seed=cfg_train.seed,
-    )
+    data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
     batches_per_epoch = data.num_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
     world = accelerator.num_processes
@@ -478,6 +529,11 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     bar.disable = quiet or not accelerator.is_main_process
     with bar:
         task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
+        if eval_batches and state.global_step == 0:  # the baseline every later eval is compared with
+            initial = evaluate_loss(loss_module, eval_batches, accelerator)
+            metrics.log({"step": 0, "eval_loss": round(initial, 6), "eval_ppl": round(math.exp(min(initial, 50)), 4)})
+            history.append({"step": 0, "eval_loss": initial})
+            say(f"  step 0: eval loss {initial:.4f}  perplexity {math.exp(min(initial, 50)):.3f}", highlight=False)
         while state.global_step < total_steps and not stop:
             plan = data.epoch_plan(
                 cfg_train.batch_size, seed=cfg_train.seed, epoch=state.epoch,
@@ -486,20 +542,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             my_batches = plan[accelerator.process_index : micro_per_process * world : world]
             while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
                 micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
-                # Normalise by the target tokens of the whole step, on all processes.
-                step_tokens = accelerator.reduce(
-                    torch.tensor(sum(count_targets(b) for b in micro), device=accelerator.device), reduction="sum"
-                ).item()
-                step_loss = 0.0
-                for i, batch in enumerate(micro):
-                    sync = accelerator.no_sync(loss_module) if i < accum - 1 else _nullcontext()
-                    with sync, accelerator.autocast():
-                        loss_sum, _ = loss_module(**_to_device(batch, accelerator.device))
-                        # DDP averages gradients over processes; scale by `world` so the result is
-                        # the mean over the step's global target tokens.
-                        loss = loss_sum * (world / max(step_tokens, 1))
-                    accelerator.backward(loss)
-                    step_loss += loss_sum.item()
+                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator)
                 grad_norm = None
                 if cfg_train.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm))
@@ -510,7 +553,6 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
                 state.batch_index += accum
                 state.tokens_seen += int(step_tokens)
                 tokens_this_run += int(step_tokens)
-                global_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="sum").item()
                 window_loss += global_loss
                 window_tokens += step_tokens
 
@@ -586,6 +628,9 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             "num_processes": world,
         }
         write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
+        from tunelab.report import write_report
+
+        write_report(run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     train_losses = [r["loss"] for r in history if "loss" in r]
@@ -600,15 +645,9 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         tokens_per_second=tokens_this_run / max(seconds, 1e-9),
         seconds=seconds,
         history=history,
+        model=model,
+        tokenizer=tokenizer,
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_trackers_installed(trackers: list[str]) -> None:
