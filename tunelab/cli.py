@@ -6,12 +6,14 @@ errors (`TunelabError`) are printed as one message without a traceback (exit cod
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from tunelab.errors import TunelabError
 
@@ -30,20 +32,339 @@ app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Validate, inspect, prepare and synthesise training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+OverridesArg = Annotated[
+    Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=8", show_default=False)
+]
+
+
+def _config_and_overrides(config_file: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """`tunelab train key=value ...` without a config file: the first override lands in CONFIG."""
+    overrides = list(overrides or [])
+    if config_file is not None and "=" in config_file.name and not config_file.exists():
+        return None, [str(config_file), *overrides]
+    return config_file, overrides
+
+
+@config_app.command("validate")
+def config_validate(
+    config_file: Annotated[Path, typer.Argument(help="YAML or JSON run config.")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Check a run config: every problem is listed with its key, line and a fix."""
+    from tunelab.config import load_config
+
+    config = load_config(config_file, overrides)
+    console.print(f"[green]OK[/] {config_file}: method {config.method}, model {config.model.name or 'default'}", highlight=False)
+
+
+@config_app.command("show")
+def config_show(
+    config_file: Annotated[Optional[Path], typer.Argument(help="YAML or JSON run config (omit for the defaults).")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    from tunelab.config import config_to_yaml, load_config
+
+    config_file, overrides = _config_and_overrides(config_file, overrides)
+    print(config_to_yaml(load_config(config_file, overrides)), end="")
+
+
+@app.command()
+def train(
+    config_file: Annotated[Optional[Path], typer.Argument(help="YAML or JSON run config (optional).")] = None,
+    overrides: OverridesArg = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, model dir, .gguf, or 'default'.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Training data file, directory or hub dataset.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluation data.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="lora, dora, qlora or full.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Run folder (default runs/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
+) -> None:
+    """Fine-tune a model and write the run folder (config, final weights, checkpoints, metrics)."""
+    from tunelab.config import load_config
+    from tunelab.train import train as run_training
+
+    config_file, overrides = _config_and_overrides(config_file, overrides)
+    flags = {
+        "model.name": model, "data.train": data, "data.eval": eval_data, "method": method,
+        "training.epochs": epochs, "training.batch_size": batch_size, "training.learning_rate": learning_rate,
+        "training.max_steps": max_steps, "training.resume": True if resume else None,
+        "output.overwrite": True if overwrite else None,
+    }
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if output is not None:
+        extra += [f"output.dir={Path(output).parent}", f"output.name={Path(output).name}"]
+    config = load_config(config_file, [*extra, *overrides])
+    result = run_training(config, config_path=str(config_file) if config_file else None)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, report once
+        return
+    console.print(
+        f"[green]done[/] {result.state.global_step} steps in {result.seconds:.0f}s "
+        f"({result.tokens_per_second:.0f} target tokens/s); final train loss {result.train_loss}, "
+        f"eval loss {result.eval_loss}; run folder: {result.run_dir}",
+        highlight=False,
+    )
+
+
+@app.command()
+def doctor(
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", help="Where runs will be written: checked for free space and write access.")
+    ] = Path("runs"),
+) -> None:
+    """Check this machine: Python, torch and device, bf16, libraries, memory, disk, the default model."""
+    from tunelab.doctor import has_failures, render_checks, run_checks
+
+    checks = run_checks(output_dir)
+    render_checks(checks, console)
+    if has_failures(checks):
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config_file: Annotated[Path, typer.Argument(help="Run config whose data section to tokenize.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write the tokenized data to.")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Tokenize a run's data once; set data.prepared=DIR to reuse it (checked against a fingerprint)."""
+    from tunelab.config import load_config
+    from tunelab.train import prepare_data
+
+    config = load_config(config_file, overrides)
+    data = prepare_data(config, output)
+    console.print(f"[green]prepared[/] {data.summary()}\n  -> {output}  (train with data.prepared={output})", highlight=False)
+
+
+@data_app.command("synth")
+def data_synth(
+    output: Annotated[Path, typer.Argument(help="JSONL file to write.", show_default=False)],
+    kind: Annotated[str, typer.Option("--kind", help="reasoning (GSM8K-style word problems), text or chat.")] = "reasoning",
+    n: Annotated[int, typer.Option("-n", "--count", help="Number of records.")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed and options, same file.")] = 0,
+    difficulty: Annotated[
+        Optional[int], typer.Option("--difficulty", help="1..5, reasoning only: steps and number sizes (default 2).")
+    ] = None,
+    test_output: Annotated[
+        Optional[Path], typer.Option("--test-output", help="Also write held-out records (none of them in OUTPUT) here.")
+    ] = None,
+    test_n: Annotated[int, typer.Option("--test-n", help="Number of held-out records for --test-output.")] = 100,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Write synthetic data as JSONL: arithmetic word problems with worked answers, plain text or chat."""
+    from tunelab.data.synthetic import synthesize_files
+
+    written = synthesize_files(
+        output, kind=kind, n=n, seed=seed, difficulty=difficulty, test_output=test_output, n_test=test_n, overwrite=force
+    )
+    for path, count in written:
+        console.print(f"wrote {count} {kind} records to {path}", highlight=False, soft_wrap=True)
+
+
+DataSourceArg = Annotated[str, typer.Argument(help="Data file, directory of files, saved dataset dir or hub dataset id.", show_default=False)]
+DataFormatOpt = Annotated[str, typer.Option("--format", help="auto, text, alpaca, dolly, chat, sharegpt or qa.")]
+DataModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model whose tokenizer and chat template to use [default: bundled].")]
+DataSplitOpt = Annotated[str, typer.Option("--split", help="Split of a hub or saved dataset.")]
+
+
+@data_app.command("validate")
+def data_validate(
+    source: DataSourceArg,
+    fmt: DataFormatOpt = "auto",
+    model: DataModelOpt = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    truncation: Annotated[str, typer.Option("--truncation", help="truncate or drop examples over --max-length.")] = "truncate",
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip bad records and count them instead of failing.")] = False,
+    split: DataSplitOpt = "train",
+) -> None:
+    """Check training data: formats, chat template, label masks, token lengths. Bad records are named by file:line."""
+    from tunelab.data.pipeline import render_validation_report, validate_data
+    from tunelab.models import load_tokenizer, resolve_model_source
+
+    tokenizer = load_tokenizer(resolve_model_source(model))
+    report = validate_data(
+        source, tokenizer, fmt=fmt, max_length=max_length, truncation=truncation, skip_invalid=skip_invalid, split=split
+    )
+    console.print(render_validation_report(report))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: DataSourceArg,
+    n: Annotated[int, typer.Option("-n", "--count", help="How many examples to show.")] = 3,
+    fmt: DataFormatOpt = "auto",
+    model: DataModelOpt = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    train_on_prompt: Annotated[bool, typer.Option("--train-on-prompt", help="Show the mask when prompts are trained too.")] = False,
+    split: DataSplitOpt = "train",
+) -> None:
+    """Show examples as the model sees them: trained tokens highlighted green, untrained dim."""
+    from tunelab.data.pipeline import inspect_examples, render_inspection
+    from tunelab.models import load_tokenizer, resolve_model_source
+
+    tokenizer = load_tokenizer(resolve_model_source(model))
+    examples = inspect_examples(source, tokenizer, n=n, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt, split=split)
+    # Without colours (a pipe, a file) trained text is also marked with ⟦ ⟧.
+    console.print(render_inspection(examples, tokenizer, markers=console.color_system is None), soft_wrap=True)
+
+
+ModelSourceArg = Annotated[str, typer.Argument(help="Run folder, checkpoint, adapter or model dir, .gguf, hub id, or 'default'.", show_default=False)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32 (auto: bf16 only where it is fast).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps [default: best available].")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens generated per answer.")]
+
+
+@app.command("eval")
+def eval_command(
+    sources: Annotated[list[str], typer.Argument(help="One or more runs/models (several: one comparison table).", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Prompt/reference data: GSM8K-style question/answer, alpaca, chat, ...", show_default=False)],
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy.")] = "loss,perplexity,exact_match",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass / generate call.")] = 8,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    answer_regex: Annotated[Optional[str], typer.Option("--answer-regex", help="Regex for the answer in predictions (group 1 if any) [default: '#### N', else the last number].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Results folder [default: the run folder; ./eval-results/<model> for other models].")] = None,
+    fmt: DataFormatOpt = "auto",
+    prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", help="Custom data: the field holding the prompt.")] = None,
+    response_field: Annotated[Optional[str], typer.Option("--response-field", help="Custom data: the field holding the reference.")] = None,
+    split: DataSplitOpt = "test",
+    samples: Annotated[int, typer.Option("--samples", help="Side-by-side samples shown where compared models differ.")] = 3,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Score runs/models on the same data: loss, perplexity, exact match, ROUGE, BLEU, accuracy.
+
+    Writes <output>/eval/<data>/predictions.jsonl and scores.json per model (and merges the run's eval.json).
+    """
+    from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
+
+    if (prompt_field is None) != (response_field is None):
+        raise TunelabError("--prompt-field and --response-field go together: give both (e.g. --prompt-field text --response-field label)")
+    fields = {"prompt": prompt_field, "response": response_field} if prompt_field else None
+    results = evaluate_sources(
+        sources, data, metrics=parse_metrics(metrics), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        answer_regex=answer_regex, output=output, dtype=dtype, device=device, fmt=fmt, fields=fields, split=split,
+    )
+    width = None if console.is_terminal else 200  # a pipe or file gets the whole table, not an 80-column squeeze
+    console.print(comparison_table(results), width=width)
+    shown = differing_samples(results, samples)
+    if shown:
+        console.print(samples_table(results, shown), width=width)
+
+
+@app.command()
+def generate(
+    source: ModelSourceArg,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = None,
+    input_file: Annotated[Optional[str], typer.Option("--input", help="Prompts file: one per line, or JSONL with prompt/question/instruction; '-' = stdin.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL rows {prompt, sample, completion, tokens} here.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Completions per prompt (needs --temperature > 0).")] = 1,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Make sampling reproducible.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message before each prompt.")] = None,
+    no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Continue the raw prompt text.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Generate completions for prompts with a run or model (its chat template; stops at end of turn)."""
+    from tunelab.generate import GenerationSettings, generate_for_prompts, load_for_generation, read_prompts, write_jsonl_atomic
+
+    if bool(prompt) == (input_file is not None):
+        raise TunelabError("give prompts with --prompt TEXT (repeatable) or --input FILE ('-' for stdin), not both or neither")
+    prompts = list(prompt) if prompt else read_prompts(input_file)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_samples=num_samples)
+    settings.check()
+    model, tokenizer = load_for_generation(source, dtype=dtype, device=device)
+    rows = generate_for_prompts(
+        model, tokenizer, prompts, settings, use_chat_template=not no_chat_template, system=system, seed=seed, batch_size=batch_size
+    )
+    if output is not None:
+        write_jsonl_atomic(output, rows)
+        err_console.print(f"wrote {len(rows)} completions to {output}", highlight=False)
+        return
+    for i, row in enumerate(rows):
+        if len(rows) > 1:
+            console.print(f"### prompt {i // num_samples + 1}, sample {row['sample'] + 1}", style="bold", highlight=False)
+        console.print(row["completion"], markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def chat(
+    source: ModelSourceArg,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Make sampling reproducible.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Chat in the terminal with streamed replies; /reset, /system TEXT, /temp X, /max N, /exit.
+
+    Piped stdin is read line by line (one message or command per line) and only replies are printed.
+    """
+    from transformers import set_seed
+
+    from tunelab.generate import ChatSession, GenerationSettings, load_for_generation, run_chat, terminal_lines
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    settings.check()
+    model, tokenizer = load_for_generation(source, dtype=dtype, device=device)
+    if seed is not None:
+        set_seed(seed)
+    session = ChatSession(model, tokenizer, settings=settings, system=system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err_console.print(f"chatting with {source}; /help for commands, /exit or Ctrl-D to leave", style="dim", highlight=False)
+    run_chat(
+        session,
+        terminal_lines() if interactive else sys.stdin,
+        sys.stdout,
+        notify=lambda message: err_console.print(message, style="dim", markup=False, highlight=False),
+        reply_prefix="assistant> " if interactive else "",
+        stream=interactive,
+    )
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder (runs/NAME).", show_default=False)],
+) -> None:
+    """Write RUN/report.html: loss and learning-rate curves, evaluation tables, samples, config, hardware."""
+    from tunelab.report import write_report
+
+    path = write_report(run)
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
 
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean message."""
     try:
-        app(standalone_mode=False)
+        # Non-standalone click returns the code of `typer.Exit(code)` instead of raising it.
+        exit_code = app(standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code != 0:
+            sys.exit(exit_code)
     except TunelabError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        # Text, not markup: messages quote user values such as "[q_proj]" verbatim.
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]aborted[/]")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+    except typer.TyperException as exc:  # bad option values (typer >= 0.22 vendors its own click)
+        err_console.print(Text.assemble(("error: ", "bold red"), exc.format_message()), highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode (older typer)
         import click
 
         if isinstance(exc, click.ClickException):

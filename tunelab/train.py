@@ -404,6 +404,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = plan_precision(cfg_train.precision, method=method, device=probe_device)
     accelerator = Accelerator(
+        # cpu=True on CPU-only machines lets `torchrun`/`accelerate launch` run several CPU processes (gloo).
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=precision.mixed_precision,
         log_with=trackers or None,
         project_dir=str(run_dir),

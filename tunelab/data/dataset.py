@@ -9,16 +9,13 @@ at exactly the batch where it stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
 
-from tunelab.data.formats import normalise, remove_duplicates
 from tunelab.data.packing import Batch, collate, plan_batches
-from tunelab.data.render import TokenizedExample, filter_by_length, tokenize_examples
-from tunelab.data.sources import DataStats, read_source
-from tunelab.errors import DataError
+from tunelab.data.pipeline import load_tokenized, split_examples
+from tunelab.data.render import TokenizedExample
+from tunelab.data.sources import DataStats
 
 
 @dataclass
@@ -58,52 +55,6 @@ class TrainingData:
         return [collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing) for batch in plan]
 
 
-def split_off(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Hold out `fraction` of items (at least one) chosen by a seeded permutation: (kept, held_out)."""
-    if fraction <= 0 or len(items) < 2:
-        return list(items), []
-    n_held = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    order = np.random.default_rng(seed).permutation(len(items))
-    held = set(int(i) for i in order[:n_held])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def load_tokenized(
-    source: str,
-    tokenizer,
-    *,
-    fmt: str,
-    fields: dict[str, str] | None,
-    hf_config: str | None,
-    split: str,
-    system_prompt: str | None,
-    max_length: int,
-    truncation: str,
-    train_on_prompt: bool,
-    dedupe: bool,
-    min_tokens: int,
-    limit: int | None,
-    skip_invalid: bool,
-) -> tuple[list[TokenizedExample], DataStats]:
-    """Read one source and turn it into tokenized examples, counting every stage."""
-    stats = DataStats()
-    records = read_source(source, split=split, hf_config=hf_config, skip_invalid=skip_invalid, stats=stats)
-    examples = normalise(records, fmt=fmt, fields=fields, system_prompt=system_prompt, skip_invalid=skip_invalid, stats=stats)
-    if dedupe:
-        examples = remove_duplicates(examples, stats=stats)
-    if limit is not None:
-        examples = examples[:limit]
-    tokenized, stats = tokenize_examples(
-        examples, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt,
-        truncation=truncation, skip_invalid=skip_invalid, stats=stats, show_progress=len(examples) > 2000,
-    )
-    if min_tokens:
-        tokenized = filter_by_length(tokenized, min_tokens=min_tokens, stats=stats)
-        if not tokenized:
-            raise DataError(f"no examples left after the min_tokens={min_tokens} filter", path=str(source))
-    return tokenized, stats
-
-
 def build_datasets(
     *,
     train_source: str,
@@ -130,7 +81,7 @@ def build_datasets(
     common = dict(
         tokenizer=tokenizer, fmt=fmt, fields=fields, hf_config=hf_config, system_prompt=system_prompt,
         max_length=max_length, truncation=truncation, train_on_prompt=train_on_prompt, dedupe=dedupe,
-        min_tokens=min_tokens, skip_invalid=skip_invalid,
+        min_tokens=min_tokens, skip_invalid=skip_invalid, show_progress=True,
     )
     train, train_stats = load_tokenized(train_source, split=split, limit=limit, **common)
     eval_stats = None
@@ -140,7 +91,7 @@ def build_datasets(
     elif eval_split is not None:
         eval_set, eval_stats = load_tokenized(train_source, split=eval_split, limit=eval_limit, **common)
     else:
-        train, eval_set = split_off(train, eval_fraction, seed)
+        train, eval_set = split_examples(train, eval_fraction=eval_fraction, seed=seed)
         if eval_set:
             notes.append(f"{len(eval_set)} held out for eval (eval_fraction={eval_fraction}, seed {seed})")
         eval_set = eval_set[:eval_limit] if eval_limit else eval_set
