@@ -299,3 +299,34 @@ def test_python_api_trains_generates_and_saves(tiny_model_dir, tmp_path):
     assert isinstance(text, str)
     saved = tuner.save(tmp_path / "adapter")
     assert (saved / "adapter_model.safetensors").is_file() and (saved / "chat_template.jinja").is_file()
+
+
+def _tunelab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_train_with_flags_only(tiny_model_dir, train_file, tmp_path):
+    out = tmp_path / "runs" / "flags"
+    result = _tunelab("train", "--model", str(tiny_model_dir), "--data", str(train_file), "--method", "dora",
+                      "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--max-steps", "2",
+                      "--output", str(out), "lora.r=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done 2 steps" in result.stdout
+    config = (out / "config.yaml").read_text()
+    assert "method: dora" in config and "learning_rate: 0.001" in config and "r: 2" in config
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_train_bad_inputs_give_one_clear_message(tiny_model_dir, tmp_path):
+    missing = _tunelab("train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "nope.jsonl" in missing.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x"\n')
+    broken = _tunelab("train", "--model", str(tiny_model_dir), "--data", str(bad), cwd=tmp_path)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert f"{bad}:2:" in broken.stderr.replace("\n", "")
+    no_data = _tunelab("train", "--model", str(tiny_model_dir), cwd=tmp_path)
+    assert no_data.returncode == 2 and "data.train is not set" in no_data.stderr
+    assert not (tmp_path / "runs").exists()  # failed runs leave no half-made run folder

@@ -165,8 +165,8 @@ def plan_precision(precision: str, *, method: str, device: torch.device) -> Prec
 # --- the run folder ---------------------------------------------------------------------------
 
 
-def prepare_run_dir(run_dir: Path, config_yaml: str, *, resume: bool, overwrite: bool) -> None:
-    """Create the run folder; refuse to clobber another run's results unless told to."""
+def check_run_dir(run_dir: Path, config_yaml: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, to clobber another run's results or resume a different run."""
     existing = run_dir / "config.yaml"
     has_results = (run_dir / "final").exists() or (run_dir / "checkpoints").exists()
     if resume:
@@ -181,7 +181,11 @@ def prepare_run_dir(run_dir: Path, config_yaml: str, *, resume: bool, overwrite:
             "  fix: --resume to continue it, --overwrite (output.overwrite=true) to start it again, "
             "or another output.name / --output"
         )
-    elif has_results and overwrite:
+
+
+def init_run_dir(run_dir: Path, config_yaml: str, *, resume: bool) -> None:
+    """Create the run folder (clearing an overwritten run's results) and write config.yaml."""
+    if not resume:
         for name in ("final", "checkpoints", "metrics.jsonl", "eval.json", "report.html", "eval"):
             path = run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -395,7 +399,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     resume = cfg_train.resume in (True, "auto")
     if cfg_train.resume == "auto" and latest_checkpoint(run_dir / "checkpoints") is None:
         resume = False
-    prepare_run_dir(run_dir, config_to_yaml(config), resume=resume, overwrite=config.output.overwrite)
+    config_yaml = config_to_yaml(config)
+    check_run_dir(run_dir, config_yaml, resume=resume, overwrite=config.output.overwrite)
 
     if cfg_train.num_threads:
         torch.set_num_threads(cfg_train.num_threads)
@@ -458,6 +463,9 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     # ---- data ---------------------------------------------------------------------------------
     data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
+    if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
+        init_run_dir(run_dir, config_yaml, resume=resume)
+    accelerator.wait_for_everyone()
     batches_per_epoch = data.num_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
     world = accelerator.num_processes
     micro_per_process = batches_per_epoch // world
