@@ -250,11 +250,12 @@ def eval_command(
         sources, data, metrics=parse_metrics(metrics), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         answer_regex=answer_regex, output=output, dtype=dtype, device=device, fmt=fmt, fields=fields, split=split,
     )
-    width = None if console.is_terminal else 200  # a pipe or file gets the whole table, not an 80-column squeeze
-    console.print(comparison_table(results), width=width)
+    # A pipe or file gets the whole table rather than Rich's 80-column default squeeze.
+    out = console if console.is_terminal else Console(width=200)
+    out.print(comparison_table(results))
     shown = differing_samples(results, samples)
     if shown:
-        console.print(samples_table(results, shown), width=width)
+        out.print(samples_table(results, shown))
 
 
 @app.command()

@@ -43,7 +43,7 @@ class TrainingData:
         return len(self.epoch_plan(batch_size, seed=0, epoch=0, packing=packing, max_length=max_length))
 
     def collate(self, batch: Batch, *, packing: bool) -> dict[str, torch.Tensor]:
-        return collate([[self.train[i] for i in row] for row in batch], self.pad_id, packed=packing)
+        return without_full_mask(collate([[self.train[i] for i in row] for row in batch], self.pad_id, packed=packing))
 
     def eval_batches(self, batch_size: int, *, packing: bool, max_length: int) -> list[dict[str, torch.Tensor]]:
         """Eval set as collated batches, in a fixed length-sorted order (least padding)."""
@@ -52,7 +52,17 @@ class TrainingData:
         lengths = [len(x) for x in self.eval]
         plan = plan_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False, by_length=not packing,
                             packing=packing, max_length=max_length)
-        return [collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing) for batch in plan]
+        return [without_full_mask(collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing))
+                for batch in plan]
+
+
+def without_full_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop an all-ones attention mask: with no padding, attention can take the plain causal
+    path (SDPA's is_causal kernel) instead of materialising and applying a mask."""
+    mask = batch.get("attention_mask")
+    if mask is not None and bool(mask.all()):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 def build_datasets(
