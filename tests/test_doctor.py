@@ -85,10 +85,10 @@ def test_missing_bundled_model_fails_with_the_install_command(monkeypatch):
     assert doctor.check_converted_model().status == WARN
 
 
-def test_converted_model_path_matches_the_loader(bundled_dir):
-    from tunelab.models import bundled_gguf_path
+def test_converted_dir_lookup_matches_the_loader(bundled_dir):
+    from tunelab.models import bundled_gguf_path, converted_dir_for
 
-    assert doctor.converted_model_path(bundled_gguf_path()) == bundled_dir
+    assert converted_dir_for(bundled_gguf_path()) == bundled_dir
 
 
 def test_bf16_on_cpu_follows_the_cpu_flags(monkeypatch, tmp_path):

@@ -8,7 +8,6 @@ only look: they create no directories and download nothing.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -329,28 +328,15 @@ def check_default_model() -> Check:
     return Check("default model", OK, f"{path.name} ({format_bytes(path.stat().st_size)})")
 
 
-def converted_model_path(gguf_path: Path) -> Path:
-    """Where `tunelab.models.converted_gguf_dir` caches a GGUF file's conversion, without converting.
-
-    Must use the same key as that function (a test compares the two).
-    """
-    from tunelab.models import BUNDLED_GGUF, BUNDLED_NAME, cache_dir
-
-    info = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:12]
-    name = BUNDLED_NAME if gguf_path.name == BUNDLED_GGUF else gguf_path.stem
-    return cache_dir() / "models" / f"{name}-{key}"
-
-
 def check_converted_model() -> Check:
     """Whether the default model was already converted to safetensors (else the first run does it)."""
-    from tunelab.models import bundled_gguf_path
+    from tunelab.models import bundled_gguf_path, converted_dir_for
 
     try:
         gguf = bundled_gguf_path()
     except TunelabError:
         return Check("converted model", WARN, "skipped: the default model is not installed", "see 'default model'")
-    converted = converted_model_path(gguf)
+    converted = converted_dir_for(gguf)
     if (converted / "config.json").is_file():
         return Check("converted model", OK, str(converted))
     return Check(

@@ -85,12 +85,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def converted_gguf_dir(gguf_path: Path) -> Path:
-    """The cached safetensors directory for a GGUF file, converting it on first use."""
+def converted_dir_for(gguf_path: Path) -> Path:
+    """Where a GGUF file's conversion is cached (keyed by path, size and mtime); converts nothing."""
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     name = BUNDLED_NAME if gguf_path.name == BUNDLED_GGUF else gguf_path.stem
-    out_dir = cache_dir() / "models" / f"{name}-{key}"
+    return cache_dir() / "models" / f"{name}-{key}"
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """The cached safetensors directory for a GGUF file, converting it on first use."""
+    out_dir = converted_dir_for(gguf_path)
     if (out_dir / "config.json").is_file():
         return out_dir
     return convert_gguf(gguf_path, out_dir)
