@@ -330,3 +330,29 @@ def test_cli_train_bad_inputs_give_one_clear_message(tiny_model_dir, tmp_path):
     no_data = _tunelab("train", "--model", str(tiny_model_dir), cwd=tmp_path)
     assert no_data.returncode == 2 and "data.train is not set" in no_data.stderr
     assert not (tmp_path / "runs").exists()  # failed runs leave no half-made run folder
+
+
+@pytest.mark.real_model
+def test_real_model_few_steps_on_gsm8k_lowers_eval_loss_and_still_stops(gsm8k_dir, tmp_path):
+    """The bundled SmolLM2-135M-Instruct, LoRA, a few steps on real GSM8K problems."""
+    lines = (gsm8k_dir / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join((gsm8k_dir / "test.jsonl").read_text().splitlines()[:8]) + "\n")
+    config = load_config(None, [
+        f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}", f"output.dir={tmp_path}",
+        "output.name=real", "training.batch_size=4", "training.gradient_accumulation_steps=1", "training.max_steps=6",
+        "training.learning_rate=1e-3", "training.warmup_steps=0", "training.logging_steps=1", "lora.dropout=0.0",
+        "training.precision=fp32",
+    ])
+    result = train(config, quiet=True)
+    evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
+    assert len(evals) == 2 and evals[-1] < evals[0] - 0.02, evals
+
+    model, tokenizer = load_for_inference(str(result.run_dir), dtype="fp32", device="cpu")
+    question = json.loads(lines[100])["question"]
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=200, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert new_tokens[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.decode(new_tokens)
+    assert "####" in tokenizer.decode(new_tokens)  # picked up GSM8K's answer format
