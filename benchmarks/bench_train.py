@@ -71,7 +71,7 @@ def run_tunelab(args: argparse.Namespace, train_file: Path, eval_chats: list[dic
 
     micro = args.micro_batch
     config = load_config(None, [
-        "model.name=default", f"data.train={train_file}", "data.train_on_prompt=true", f"data.max_seq_length={args.max_length}",
+        f"model.name={args.model}", f"data.train={train_file}", "data.train_on_prompt=true", f"data.max_seq_length={args.max_length}",
         "data.dedupe=false", "method=lora", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.target_modules=all-linear",
         f"training.batch_size={micro}", f"training.gradient_accumulation_steps={8 // micro}", "training.learning_rate=2e-4",
         "training.epochs=1", "training.warmup_steps=0", "training.lr_scheduler=linear", "training.logging_steps=1",
@@ -100,7 +100,7 @@ def run_trl(args: argparse.Namespace, train_file: Path, eval_chats: list[dict], 
 
     from tunelab.models import bundled_model_dir
 
-    source = str(bundled_model_dir())
+    source = str(bundled_model_dir()) if args.model == "default" else args.model
     bf16 = args.trl_setting in ("bf16", "bf16-packing")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -151,6 +151,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(framework: str, args: argparse.Namespace, work: Path, trl_setting: str = "fp32") -> dict:
     cmd = [sys.executable, __file__, "--child", framework, "--work", str(work), "--max-length", str(args.max_length),
+           "--model", args.model,
            "--eval-examples", str(args.eval_examples), "--micro-batch", str(args.micro_batch),
            "--precision", args.precision, "--trl-setting", trl_setting]
     print(f"running {framework} {trl_setting if framework == 'trl' else ''}...", file=sys.stderr, flush=True)
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=160, help="GSM8K train problems (W1: 160)")
     parser.add_argument("--eval-examples", type=int, default=100, help="GSM8K test problems scored (W1: 100)")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--model", default="default", help="model for both frameworks (W1: the bundled default)")
     parser.add_argument("--micro-batch", type=int, default=8, choices=[1, 2, 4, 8], help="tunelab micro-batch (x accumulation = 8)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="tunelab precision")
     parser.add_argument("--trl", default="fp32", help="comma list of TRL settings: fp32, bf16, bf16-packing")
@@ -205,7 +207,7 @@ def main() -> None:
         if args.only != "tunelab":
             for setting in args.trl.split(","):
                 results.append(run_child("trl", args, work, setting))
-    meta = {"examples": args.examples, "eval_examples": args.eval_examples, "max_length": args.max_length,
+    meta = {"model": args.model, "examples": args.examples, "eval_examples": args.eval_examples, "max_length": args.max_length,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d")}
     print_table(results, meta)
