@@ -18,7 +18,7 @@ def test_benchmark_script_runs_and_writes_json(tiny_model_dir, gsm8k_dir, tmp_pa
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trained tok/s" in proc.stdout
+    assert "W1: 16 GSM8K examples" in proc.stdout and "tunelab" in proc.stdout
     report = json.loads(out.read_text())
     assert report["meta"]["examples"] == 16
     (result,) = report["results"]
