@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -348,6 +349,9 @@ def report(
 
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean message."""
+    # Library deprecation chatter (transformers/peft FutureWarnings) is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         # Non-standalone click returns the code of `typer.Exit(code)` instead of raising it.
         exit_code = app(standalone_mode=False)

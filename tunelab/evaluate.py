@@ -42,8 +42,8 @@ from tunelab.generate import (
     model_device,
     pad_token_id,
     write_jsonl_atomic,
-    write_text_atomic,
 )
+from tunelab.files import write_text_atomic
 from tunelab import metrics as scoring
 
 METRICS = ("loss", "perplexity", "exact_match", "rouge", "bleu", "accuracy")

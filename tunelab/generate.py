@@ -21,6 +21,7 @@ from typing import TextIO
 import torch
 
 from tunelab.errors import DataError, TunelabError
+from tunelab.files import write_text_atomic
 
 # Fields that hold the prompt in a JSONL prompts file, in order of preference.
 PROMPT_FIELDS = ("prompt", "question", "instruction")
@@ -339,25 +340,6 @@ def user_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     """A one-turn conversation for a plain prompt, with an optional system message first."""
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": prompt}]
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to a temporary sibling and rename it over `path`, so a reader (or a crash)
-    never sees half a file and an existing file is only replaced once the new one is complete."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> Path:

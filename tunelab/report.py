@@ -359,6 +359,6 @@ def write_report(run_dir: str | Path) -> Path:
             f"{run_dir} does not look like a run folder (none of {', '.join(known)} is there)\n"
             "  fix: give the folder a training run wrote, e.g. runs/NAME"
         )
-    from tunelab.generate import write_text_atomic
+    from tunelab.files import write_text_atomic
 
     return write_text_atomic(run_dir / REPORT_FILE, render_report(run_dir))

@@ -37,6 +37,7 @@ from tunelab.checkpoint import (
 from tunelab.config import RunConfig, config_to_yaml
 from tunelab.console import console
 from tunelab.errors import TunelabError
+from tunelab.files import write_text_atomic
 
 IGNORE_INDEX = -100
 # Rows of hidden states pushed through the vocabulary head at once: bounds the fp32
@@ -201,12 +202,6 @@ def _comparable(config_yaml: str) -> dict:
     for section, key in (("training", "resume"), ("output", "overwrite")):
         data.get(section, {}).pop(key, None)
     return data
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_model_files(model, tokenizer, directory: Path, *, base_model: str | None, method: str) -> None:
