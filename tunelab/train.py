@@ -507,8 +507,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     save_every = cfg_train.save_steps or steps_per_epoch
 
     def save_weights(directory: Path) -> None:
-        save_model_files(accelerator.unwrap_model(loss_module).model if not cfg_train.compile else model, tokenizer, directory,
-                         base_model=cfg_model.name, method=method)
+        # `model` is the very object inside the (DDP / compiled) loss wrapper.
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method)
 
     say(
         f"[bold]plan[/] {total_steps} steps = {epochs} epoch(s) x {steps_per_epoch} steps; "
