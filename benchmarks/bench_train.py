@@ -50,7 +50,7 @@ def all_token_eval_loss(model, tokenizer, chats: list[dict], max_length: int) ->
     """Mean next-token loss over every token of each chat (the same scorer for both frameworks)."""
     import torch
 
-    from tunelab.train import TargetTokenLoss
+    from tunelab.loss import TargetTokenLoss
 
     model.eval()
     loss_module = TargetTokenLoss(model)
@@ -155,7 +155,10 @@ def run_child(framework: str, args: argparse.Namespace, work: Path, trl_setting:
            "--eval-examples", str(args.eval_examples), "--micro-batch", str(args.micro_batch),
            "--precision", args.precision, "--trl-setting", trl_setting]
     print(f"running {framework} {trl_setting if framework == 'trl' else ''}...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # TRL runs with PyTorch's own allocator defaults, as its users get it (importing
+    # tunelab would otherwise switch on transparent huge pages in that process too).
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if framework == "tunelab" else "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-4000:])

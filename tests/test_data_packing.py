@@ -163,3 +163,37 @@ def test_padding_does_not_change_the_logits_of_real_positions(tiny_llama, chat_e
     for r, example in enumerate(chat_examples):
         torch.testing.assert_close(padded[r, : len(example)], alone_logits(model, example), atol=1e-4, rtol=1e-4)
     assert int((batch["attention_mask"] == 0).sum()) > 0  # the batch really is padded
+
+
+def test_causal_only_drops_a_right_padding_mask_but_keeps_any_other():
+    from tunelab.data.dataset import causal_only
+
+    right = {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert "attention_mask" not in causal_only(right)
+    left = {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
+    assert causal_only(left)["attention_mask"] is left["attention_mask"]
+    gap = {"input_ids": torch.zeros(1, 4), "attention_mask": torch.tensor([[1, 0, 1, 0]])}
+    assert "attention_mask" in causal_only(gap)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_right_padded_batch_without_mask_gives_the_same_loss_and_gradients(tiny_llama, chat_examples, tokenizer, attn_implementation):
+    """Why training drops the mask of right-padded batches: targets see exactly the same tokens."""
+    from tunelab.data.dataset import causal_only
+    from tunelab.loss import TargetTokenLoss
+
+    tiny_llama.set_attn_implementation(attn_implementation)
+    batch = collate([[e] for e in chat_examples], pad_id=tokenizer.pad_token_id)
+    assert int((batch["attention_mask"] == 0).sum()) > 0
+
+    def loss_and_grads(inputs):
+        tiny_llama.zero_grad(set_to_none=True)
+        loss_sum, _ = TargetTokenLoss(tiny_llama)(**inputs)
+        loss_sum.backward()
+        return loss_sum.detach(), [p.grad.clone() for p in tiny_llama.parameters()]
+
+    masked_loss, masked_grads = loss_and_grads(batch)
+    causal_loss, causal_grads = loss_and_grads(causal_only(batch))
+    torch.testing.assert_close(causal_loss, masked_loss, rtol=1e-5, atol=1e-4)
+    for causal, masked in zip(causal_grads, masked_grads, strict=True):
+        torch.testing.assert_close(causal, masked, rtol=1e-4, atol=1e-5)

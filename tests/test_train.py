@@ -17,7 +17,8 @@ from tunelab.config import load_config
 from tunelab.data.synthetic import reasoning_problems
 from tunelab.errors import TunelabError
 from tunelab.models import load_for_inference
-from tunelab.train import TargetTokenLoss, accumulate_gradients, train
+from tunelab.loss import TargetTokenLoss
+from tunelab.train import accumulate_gradients, train
 
 REPO = Path(__file__).resolve().parents[1]
 

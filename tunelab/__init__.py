@@ -12,6 +12,11 @@ Names are imported on first use, so `tunelab --help` does not pay for importing 
 from __future__ import annotations
 
 import importlib
+import os
+
+# CPU tensors of 2 MB and more go on transparent huge pages (see tunelab/allocator.py).
+# PyTorch reads this once, at its first CPU allocation, hence here, before torch loads.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
 

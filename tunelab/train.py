@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from tunelab.allocator import keep_freed_memory
 from tunelab.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -38,58 +38,7 @@ from tunelab.config import RunConfig, config_to_yaml
 from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.files import write_text_atomic
-
-IGNORE_INDEX = -100
-# Rows of hidden states pushed through the vocabulary head at once: bounds the fp32
-# logits buffer to chunk x vocab floats (2048 x 49152 x 4 B = 400 MB at most).
-LOSS_CHUNK_TOKENS = 2048
-
-
-# --- loss -------------------------------------------------------------------------------------
-
-
-class TargetTokenLoss(torch.nn.Module):
-    """Wraps a causal LM; forward returns (summed cross-entropy over target tokens, their count).
-
-    The vocabulary head runs only at positions whose next token is a target, in chunks,
-    with a float32 softmax: prompt and padding positions cost no head FLOPs and the full
-    (batch x length x vocab) logits tensor never exists. Being a Module, it is what
-    Accelerate wraps for DDP, so gradient sync still happens.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        causal_lm = unwrap_peft(self.model)
-        hidden = causal_lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        # Position t predicts token t+1 (labels are aligned with input_ids, HF style).
-        targets = labels[:, 1:]
-        is_target = targets != IGNORE_INDEX
-        hidden_at_targets = hidden[:, :-1][is_target]
-        target_ids = targets[is_target]
-        head = causal_lm.get_output_embeddings()
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, target_ids.numel(), LOSS_CHUNK_TOKENS):
-            logits = head(hidden_at_targets[start : start + LOSS_CHUNK_TOKENS]).float()
-            loss_sum = loss_sum + F.cross_entropy(logits, target_ids[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
-        return loss_sum, is_target.sum()
-
-
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers are injected in place)."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+from tunelab.loss import IGNORE_INDEX, TargetTokenLoss
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -410,6 +359,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         log_with=trackers or None,
         project_dir=str(run_dir),
     )
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # reuse activation memory step after step: no page-fault storm
     set_seed(cfg_train.seed)
     say = (lambda *a, **k: None) if quiet or not accelerator.is_main_process else console.print
 

@@ -43,7 +43,7 @@ class TrainingData:
         return len(self.epoch_plan(batch_size, seed=0, epoch=0, packing=packing, max_length=max_length))
 
     def collate(self, batch: Batch, *, packing: bool) -> dict[str, torch.Tensor]:
-        return without_full_mask(collate([[self.train[i] for i in row] for row in batch], self.pad_id, packed=packing))
+        return causal_only(collate([[self.train[i] for i in row] for row in batch], self.pad_id, packed=packing))
 
     def eval_batches(self, batch_size: int, *, packing: bool, max_length: int) -> list[dict[str, torch.Tensor]]:
         """Eval set as collated batches, in a fixed length-sorted order (least padding)."""
@@ -52,15 +52,21 @@ class TrainingData:
         lengths = [len(x) for x in self.eval]
         plan = plan_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False, by_length=not packing,
                             packing=packing, max_length=max_length)
-        return [without_full_mask(collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing))
+        return [causal_only(collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing))
                 for batch in plan]
 
 
-def without_full_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop an all-ones attention mask: with no padding, attention can take the plain causal
-    path (SDPA's is_causal kernel) instead of materialising and applying a mask."""
+def causal_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the attention mask of a right-padded batch, so attention takes the plain causal
+    kernel (SDPA's is_causal path, which also skips the masked half of the work).
+
+    This changes nothing a target sees: with causal attention every real token attends
+    only to tokens before it, which are all real when padding is at the right end, and
+    positions count from 0 either way. Padding positions compute garbage that no loss
+    reads (their labels are ignored). A mask with a gap elsewhere is kept.
+    """
     mask = batch.get("attention_mask")
-    if mask is not None and bool(mask.all()):
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all()):
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     return batch
 
