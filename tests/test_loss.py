@@ -114,6 +114,7 @@ def test_fast_path_equals_transformers_loss_on_the_real_model(bundled_dir, token
     from tunelab.data.packing import collate
     from tunelab.data.render import TokenizedExample
     from tunelab.data.sources import Location
+    from tunelab.fused_lora import fuse_lora_layers
     from tunelab.models import add_lora, load_base_model
 
     model = add_lora(load_base_model(str(bundled_dir), dtype=torch.float32), r=8, alpha=16, dropout=0.0, target_modules="all-linear")
@@ -138,6 +139,7 @@ def test_fast_path_equals_transformers_loss_on_the_real_model(bundled_dir, token
     reference = model(**batch).loss  # transformers: masked attention, full logits, mean over targets
     reference.backward()
     reference_grads = lora_grads()
+    fuse_lora_layers(model)  # the training path: fused LoRA layers, causal-only batch, fused head
     loss_sum, count = TargetTokenLoss(model)(**causal_only(batch))
     (loss_sum / count).backward()
     fast_grads = lora_grads()
@@ -147,3 +149,4 @@ def test_fast_path_equals_transformers_loss_on_the_real_model(bundled_dir, token
     for name in fast_grads:  # fp32 through 30 layers in another order: compare whole tensors
         error = (fast_grads[name] - reference_grads[name]).norm() / reference_grads[name].norm()
         assert error < 1e-3, (name, float(error))  # bf16 rounding alone is ~4e-3
+

@@ -5,8 +5,8 @@ where the big tensors live: for 2,000 tokens the fp32 logits alone are 400 MB, a
 autograd keeps them, their log-softmax and their gradient alive. `linear_cross_entropy`
 instead walks the target rows in small chunks and, for each chunk, computes the logits,
 the loss and right away the gradient (softmax - one_hot) pushed back through the head.
-Only the (rows x hidden) gradient is kept for backward; the logits buffer is a few tens
-of MB and is reused chunk after chunk, so it stays in cache.
+Only the (rows x hidden) gradient is kept for backward; the logits buffer is about
+100 MB, reused chunk after chunk.
 
 Numerically this is the plain path: fp32 logits and softmax, the same matmuls.
 """
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-# Rows of the vocabulary head computed at once. 256 rows x 49,152 vocab x 4 B = 50 MB of
-# fp32 logits: small enough to stay mostly in a server CPU's L3 between the passes
-# (logsumexp, softmax, gradient matmul), large enough for an efficient matmul.
-HEAD_CHUNK_ROWS = 256
+# Rows of the vocabulary head computed at once: 512 rows x 49,152 vocab x 4 B = 100 MB
+# of fp32 logits, reused chunk after chunk. Measured on 1,731 rows (2-core CPU): 128 rows
+# 1.69 s, 256 1.44 s, 512 1.37 s, 1024 1.29 s for forward + backward of the head.
+HEAD_CHUNK_ROWS = 512
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
