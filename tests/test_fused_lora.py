@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_llama
-from tunelab.fused_lora import fuse_lora_layers
+from tunelab.fused_lora import LoraLinear, dropout_keep_mask, fuse_lora_layers
 from tunelab.models import add_lora
 
 
@@ -31,10 +31,9 @@ def loss_and_grads(model, input_ids, seed=7):
     return loss.detach(), logits.detach(), grads
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_lora_matches_peft(dropout):
+def test_fused_lora_matches_peft():
     input_ids = torch.randint(0, 300, (3, 17))
-    model = lora_model(dropout)
+    model = lora_model(0.0)
     want_loss, want_logits, want_grads = loss_and_grads(model, input_ids)
 
     assert fuse_lora_layers(model) == 14  # 7 linear layers x 2 blocks
@@ -88,3 +87,51 @@ def test_fused_lora_under_autocast():
     for name, grad in want_grads.items():
         assert got_grads[name].dtype == torch.float32
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-1, atol=1e-2, msg=name)
+
+
+def test_fused_dropout_equals_the_same_mask_by_hand():
+    """With dropout the layer draws its mask with `dropout_keep_mask`; given that mask it
+    computes x W^T + b + s * (x * mask / (1 - p)) A^T B^T and its exact gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    weight, bias = torch.randn(7, 12), torch.randn(7)
+    lora_a = torch.randn(3, 12, requires_grad=True)
+    lora_b = torch.randn(7, 3, requires_grad=True)
+    p, s = 0.3, 2.0
+
+    torch.manual_seed(42)
+    mask = dropout_keep_mask(torch.Size([10, 12]), p, x.device)
+    want = x @ weight.t() + bias + s * ((x * mask.view(2, 5, 12) / (1 - p)) @ lora_a.t()) @ lora_b.t()
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (x, lora_a, lora_b), grad_out)
+
+    torch.manual_seed(42)  # the layer draws the same mask
+    got = LoraLinear.apply(x, weight, bias, lora_a, lora_b, s, p)
+    got_grads = torch.autograd.grad(got, (x, lora_a, lora_b), grad_out)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_keep_mask_drops_a_fraction_p(p):
+    torch.manual_seed(0)
+    mask = dropout_keep_mask(torch.Size([1001, 999]), p, torch.device("cpu"))  # odd size: a partial last word
+    assert mask.dtype == torch.bool and mask.shape == (1001, 999)
+    dropped = 1 - mask.float().mean().item()
+    assert abs(dropped - p) < 0.002  # 1M draws: the standard error is < 0.0005
+    rows = 1 - mask.float().mean(dim=1)  # no structure along rows either (each word feeds 4 elements)
+    assert rows.std().item() < 2 * (p * (1 - p) / 999) ** 0.5
+
+
+def test_dropout_training_runs_fused_and_changes_with_the_seed():
+    """Whole model, dropout 0.3: the fused layers train (every adapter weight gets a gradient)
+    and the dropout really drops (another seed, another loss)."""
+    input_ids = torch.randint(0, 300, (3, 17))
+    model = lora_model(0.3)
+    fuse_lora_layers(model)
+    loss_a, _, grads = loss_and_grads(model, input_ids, seed=7)
+    loss_b, _, _ = loss_and_grads(model, input_ids, seed=8)
+    loss_a2, _, _ = loss_and_grads(model, input_ids, seed=7)
+    assert len(grads) == 28 and all(g.abs().sum() > 0 for g in grads.values())
+    assert loss_a != loss_b and loss_a == loss_a2

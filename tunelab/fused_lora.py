@@ -13,7 +13,8 @@ step spent streaming memory rather than multiplying matrices.
 
 so the only tensors of size (tokens x features) are the ones the matmuls write. The
 frozen base weight gets no gradient (none is computed). Results equal peft's to float
-rounding (tested, dropout included: the same RNG draws give the same mask).
+rounding (tested). Dropout draws its masks from 16-bit random numbers (`dropout_keep_mask`),
+4x cheaper than `bernoulli_`: the same distribution to within 2^-17, not the same draws.
 
 `fuse_lora_layers(model)` switches a peft model's plain `lora.Linear` layers to it; any
 layer in a state this path does not cover (merged, adapters disabled, several active
@@ -38,11 +39,8 @@ class LoraLinear(torch.autograd.Function):
         xa = x2.to(adapter_dtype)
         mask = None
         if dropout_p > 0:
-            # The same RNG draw as nn.Dropout on CPU (bernoulli_ of an input-shaped tensor),
-            # so with a given seed both paths drop the same features.
-            keep = torch.empty_like(xa).bernoulli_(1 - dropout_p)
-            xa = xa * keep * (1 / (1 - dropout_p))
-            mask = keep.bool()
+            mask = dropout_keep_mask(xa.shape, dropout_p, xa.device)
+            xa = xa.masked_fill(~mask, 0.0).mul_(1 / (1 - dropout_p))  # bool mask used as is: no float copy
         y = F.linear(x2, weight, bias)
         h = xa @ lora_a.t()
         if y.dtype == adapter_dtype:
@@ -70,13 +68,27 @@ class LoraLinear(torch.autograd.Function):
         if need_x:
             lora_part = dh @ lora_a  # (tokens x in): the adapter's share of dx
             if mask is not None:
-                lora_part.mul_(mask).div_(1 - ctx.dropout_p)
+                lora_part.masked_fill_(~mask, 0.0).div_(1 - ctx.dropout_p)
             if lora_part.dtype == dy.dtype == weight.dtype:
                 grad_x = lora_part.addmm_(dy, weight)  # dy W accumulated in place: no extra pass
             else:
                 grad_x = (dy @ weight.to(dy.dtype)).add_(lora_part.to(dy.dtype))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A boolean keep-mask with P(False) = p to within 2^-17, from 16-bit random numbers.
+
+    `bernoulli_` draws one random number per element and, on CPU, took ~16% of a LoRA
+    training step with dropout (210 masks of ~1M elements). Four 16-bit uniforms cut from
+    each random 64-bit word make the same mask 4x faster (measured: 2.3 vs 10 ms for
+    2,056 x 576). The drop probability is rounded to a multiple of 2^-16 (0.05 -> 0.050003).
+    """
+    numel = shape.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device)
+    uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
+    return uniform16 >= -32768 + round(p * 65536)
 
 
 def fused_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
