@@ -37,24 +37,24 @@ class LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         adapter_dtype = lora_a.dtype
         xa = x2.to(adapter_dtype)
-        mask = None
+        dropped = None
         if dropout_p > 0:
-            mask = dropout_keep_mask(xa.shape, dropout_p, xa.device)
-            xa = xa.masked_fill(~mask, 0.0).mul_(1 / (1 - dropout_p))  # bool mask used as is: no float copy
+            dropped = ~dropout_keep_mask(xa.shape, dropout_p, xa.device)  # negated once, used twice
+            xa = xa.masked_fill(dropped, 0.0).mul_(1 / (1 - dropout_p))  # bool mask used as is: no float copy
         y = F.linear(x2, weight, bias)
         h = xa @ lora_a.t()
         if y.dtype == adapter_dtype:
             y.addmm_(h, lora_b.t(), alpha=scaling)
         else:  # bf16 base, fp32 adapters: the adapter's output is rounded once, as in peft
             y += ((h @ lora_b.t()) * scaling).to(y.dtype)
-        ctx.save_for_backward(xa, h, weight, lora_a, lora_b, mask)
+        ctx.save_for_backward(xa, h, weight, lora_a, lora_b, dropped)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: ANN001
-        xa, h, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        xa, h, weight, lora_a, lora_b, dropped = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         dy = grad_y.reshape(-1, grad_y.shape[-1])
@@ -67,8 +67,8 @@ class LoraLinear(torch.autograd.Function):
         grad_x = None
         if need_x:
             lora_part = dh @ lora_a  # (tokens x in): the adapter's share of dx
-            if mask is not None:
-                lora_part.masked_fill_(~mask, 0.0).div_(1 - ctx.dropout_p)
+            if dropped is not None:
+                lora_part.masked_fill_(dropped, 0.0).div_(1 - ctx.dropout_p)
             if lora_part.dtype == dy.dtype == weight.dtype:
                 grad_x = lora_part.addmm_(dy, weight)  # dy W accumulated in place: no extra pass
             else:
