@@ -181,6 +181,27 @@ def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None
         raise TunelabError(f"checkpoint {checkpoint} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def fresh_accelerator(*, mixed_precision: str, log_with: list[str] | None, project_dir: str) -> Accelerator:
+    """An Accelerator for this run alone.
+
+    Accelerate keeps its settings in process-wide singletons, so a second run in the same
+    process (a notebook, the Python API, HPO trials) with another precision would fail with
+    "AcceleratorState has already been initialized". The per-run state is cleared first; the
+    process group (PartialState: torchrun / accelerate launch) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(
+        # cpu=True on CPU-only machines lets `torchrun`/`accelerate launch` run several CPU processes (gloo).
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_dir=project_dir,
+    )
+
+
 # --- metrics ----------------------------------------------------------------------------------
 
 
@@ -353,12 +374,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     check_trackers_installed(trackers)
     probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = plan_precision(cfg_train.precision, method=method, device=probe_device)
-    accelerator = Accelerator(
-        # cpu=True on CPU-only machines lets `torchrun`/`accelerate launch` run several CPU processes (gloo).
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        mixed_precision=precision.mixed_precision,
-        log_with=trackers or None,
-        project_dir=str(run_dir),
+    accelerator = fresh_accelerator(
+        mixed_precision=precision.mixed_precision, log_with=trackers or None, project_dir=str(run_dir)
     )
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # reuse activation memory step after step: no page-fault storm
