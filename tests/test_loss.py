@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.loss import TargetTokenLoss, linear_cross_entropy, logits_transform
+from tunelab.loss import TargetTokenLoss, head_matches_model, linear_cross_entropy
 
 
 def reference_sum(hidden, weight, targets, bias=None):
@@ -84,8 +84,7 @@ def test_target_token_loss_fused_equals_plain_on_tiny_llama(tiny_llama):
         return loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fused = TargetTokenLoss(model)
-    plain = TargetTokenLoss(model)
-    plain.transform = lambda logits: logits  # any transform routes through the autograd head
+    plain = TargetTokenLoss(model, fused_head=False)
     fused_loss, fused_grads = loss_and_grads(fused)
     plain_loss, plain_grads = loss_and_grads(plain)
     torch.testing.assert_close(fused_loss.double(), plain_loss.double(), rtol=1e-7, atol=1e-7)
@@ -94,14 +93,57 @@ def test_target_token_loss_fused_equals_plain_on_tiny_llama(tiny_llama):
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-9, atol=1e-11)
 
 
-def test_logits_transform_follows_the_model_config():
-    from transformers import Gemma2Config, GraniteConfig, LlamaConfig
+def test_a_model_that_transforms_its_logits_is_caught_and_trained_on_its_own_logits(tiny_llama):
+    """The fused head assumes logits == head(hidden). A model whose forward changes them (here:
+    scaled by 1/4, as Granite does) must be detected by the start-up check, and the loss must
+    then be the model's own cross-entropy."""
+    from transformers import LlamaForCausalLM
 
-    assert logits_transform(LlamaConfig()) is None
-    softcap = logits_transform(Gemma2Config(final_logit_softcapping=30.0))
-    torch.testing.assert_close(softcap(torch.tensor([0.0, 30.0, 600.0])), 30.0 * torch.tanh(torch.tensor([0.0, 1.0, 20.0])))
-    granite = logits_transform(GraniteConfig(logits_scaling=4.0))
-    torch.testing.assert_close(granite(torch.tensor([8.0])), torch.tensor([2.0]))
+    class ScaledLogitsLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 4.0
+            return out
+
+    with torch.no_grad():  # logits of a few units, as in a trained model (random init gives ~0.01)
+        tiny_llama.lm_head.weight.mul_(30.0)
+    scaled = ScaledLogitsLlama(tiny_llama.config)
+    scaled.load_state_dict(tiny_llama.state_dict())
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (2, 16))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels}
+
+    assert head_matches_model(TargetTokenLoss(tiny_llama), batch)
+    loss_module = TargetTokenLoss(scaled)
+    assert not head_matches_model(loss_module, batch)
+    loss_module.use_model_logits = True
+    loss_sum, count = loss_module(**batch)
+    expected = F.cross_entropy(scaled(input_ids=ids).logits[:, :-1].reshape(-1, 49152), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss_sum / count, expected)
+
+
+def test_no_grad_evaluation_computes_no_head_gradient():
+    """Under no_grad the fused head must do the forward matmuls only: before the fix it also
+    built a (V x d) weight gradient (one extra matmul per chunk) for a trainable head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "matmul"):
+                CountMatmuls.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    weight = torch.randn(50, 8, requires_grad=True)
+    hidden = torch.randn(12, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (12,))
+    with torch.no_grad(), CountMatmuls():
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
+    assert CountMatmuls.calls == 3  # one logits matmul per chunk of 4 rows, nothing else
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"))
 
 
 def test_fast_path_equals_transformers_loss_on_the_real_model(bundled_dir, tokenizer, gsm8k_dir):

@@ -73,7 +73,7 @@ def test_qlora_base_is_4bit_and_counts_match_lora(tiny_model_dir):
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.__class__.__name__ == "Params4bit"
-    model = add_lora(base, r=8, alpha=16, dropout=0.0, quantized=True)
+    model = add_lora(base, r=8, alpha=16, dropout=0.0)
     trainable, total = count_parameters(model)
     assert trainable == lora_params(8)
     # 4-bit weights count at their unpacked size, so totals match the fp32 model.

@@ -35,7 +35,7 @@ def run_config(model_dir: Path, data: Path, out: Path, *overrides: str):
         f"model.name={model_dir}", f"data.train={data}", f"output.dir={out.parent}", f"output.name={out.name}",
         "training.batch_size=4", "training.gradient_accumulation_steps=2", "training.learning_rate=5e-3",
         "training.warmup_steps=0", "training.logging_steps=1", "training.max_steps=6", "lora.r=4",
-        "lora.alpha=8", "data.eval_fraction=0.15", "data.max_seq_length=128", *overrides,
+        "lora.alpha=8", "data.eval_fraction=0.15", "data.max_seq_length=128", "training.precision=fp32", *overrides,
     ])
 
 

@@ -1,8 +1,10 @@
 """Atomic checkpoints of the full training state, and exact resume.
 
 A checkpoint is `checkpoints/step-N/` holding the trainable weights (a PEFT adapter or
-the full model, safetensors), `optimizer.pt`, `scheduler.pt`, `rng.pt` and `state.json`
-(epoch, position in the epoch's batch plan, global step). It is written into a
+the full model, safetensors), `optimizer.pt`, `scheduler.pt`, `rng.pt` (every process's
+random generators), `scaler.pt` (fp16 loss scale, when used) and `state.json` (epoch,
+position in the epoch's batch plan, global step, and the process count and accumulation
+that position is counted in). It is written into a
 temporary sibling directory, fsynced, then renamed: a crash while saving leaves the
 previous checkpoints untouched and no half-written `step-N` behind.
 """
@@ -35,6 +37,9 @@ class TrainState:
     tokens_seen: int = 0  # target tokens trained on, all processes
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
+    # What `batch_index` is counted in: a resume with other values would continue elsewhere.
+    num_processes: int | None = None
+    gradient_accumulation_steps: int | None = None
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -90,11 +95,15 @@ def save_checkpoint(
     scheduler,
     state: TrainState,
     keep: int,
+    rng_states: list[dict],
+    scaler=None,
 ) -> Path:
     """Write `step-N` atomically, then delete all but the newest `keep` checkpoints.
 
     `save_weights(directory)` writes the trainable weights (adapter or full model) and
     whatever else inference needs (tokenizer, metadata) into the directory.
+    `rng_states`: `rng_state()` of every process, by rank (each rank draws its own dropout
+    masks, so each needs its own generators back). `scaler`: the fp16 GradScaler, if any.
     """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{state.global_step}"
@@ -103,7 +112,9 @@ def save_checkpoint(
         save_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save({"per_rank": rng_states}, tmp / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         publish_directory(tmp, final)
     except BaseException:
@@ -138,13 +149,22 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_training_state(checkpoint: Path, *, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
-    """Restore optimizer, scheduler and RNG states; return where to continue.
+def load_training_state(
+    checkpoint: Path, *, optimizer: torch.optim.Optimizer, scheduler, rank: int = 0, scaler=None
+) -> TrainState:
+    """Restore optimizer, scheduler, loss-scaler and this rank's RNG states; return where to continue.
 
-    The weights are loaded by the caller (adapter vs full model differ). Files are read
-    with `weights_only=False` only for our own RNG/optimizer pickles written by this run.
+    The weights are loaded by the caller (adapter vs full model differ). Tensors are read to
+    the CPU first (`map_location`): without it every rank would put its optimizer state on
+    the device it was saved from (cuda:0); `load_state_dict` moves it to the parameters'
+    device. `rng.pt` is our own pickle of Python/NumPy generator states, hence
+    `weights_only=False` for that file alone.
     """
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (checkpoint / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", map_location="cpu", weights_only=True))
+    saved = torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=False)
+    per_rank = saved["per_rank"] if "per_rank" in saved else [saved]  # older checkpoints: one state
+    set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
     return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))

@@ -33,7 +33,11 @@ class ModelConfig(Section):
     name: str | None = Field(
         None, description="Hub id, local model directory or .gguf file; unset = bundled SmolLM2-135M-Instruct."
     )
-    dtype: Precision = Field("auto", description="dtype of the frozen base weights; auto = bf16 where fast, else fp32.")
+    dtype: Precision = Field(
+        "auto",
+        description="dtype the base weights are stored in; auto = follow training.precision (bf16 frozen base for "
+        "adapters where bf16 is fast, fp32 master weights for full). bf16 with method: full trains in pure bf16.",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless you trust it.")
 
@@ -81,7 +85,9 @@ class QuantizationConfig(Section):
     bits: Literal[4, 8] | None = Field(None, description="Load the base in 4 or 8 bits (bitsandbytes). qlora implies 4.")
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype the 4/8-bit layers compute in; auto = the precision plan's compute dtype."
+    )
 
 
 class FullConfig(Section):
@@ -109,7 +115,9 @@ class TrainingConfig(Section):
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; unset = at the end of each epoch.")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; unset = at the end of each epoch.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps; unset = each epoch's end and every quarter of the run."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest K checkpoints.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evals without improvement.")
     resume: bool | Literal["auto"] = Field(False, description="true/auto: continue from the newest checkpoint of this run.")

@@ -13,8 +13,6 @@ Numerically this is the plain path: fp32 logits and softmax, the same matmuls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -93,7 +91,14 @@ def linear_cross_entropy(
     hidden: (N, d) rows to score; weight: (V, d); targets: (N,) class ids. Returns a
     float32 scalar (float64 for float64 input): the sum, not the mean, as callers
     normalise by a global token count.
+
+    Under `torch.no_grad()` (evaluation) only the loss is computed: autograd functions see
+    `needs_input_grad` from the inputs' `requires_grad` whatever the grad mode, so without
+    the detach a trainable head would still get a (V x d) fp32 weight gradient per chunk.
     """
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
 
 
@@ -102,15 +107,13 @@ def plain_head_cross_entropy(
     head: torch.nn.Module,
     targets: torch.Tensor,
     *,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_rows: int = HEAD_CHUNK_ROWS * 8,
 ) -> torch.Tensor:
     """The same sum through autograd, for heads that are not a plain `nn.Linear` (adapted,
-    quantized) or whose logits the model transforms (`logits_transform`)."""
+    quantized, trainable token rows)."""
     loss = torch.zeros((), dtype=softmax_dtype(hidden), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         logits = head(hidden[start : start + chunk_rows]).to(loss.dtype)
-        logits = transform(logits) if transform is not None else logits
         loss = loss + F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
     return loss
 
@@ -122,12 +125,18 @@ class TargetTokenLoss(torch.nn.Module):
     `linear_cross_entropy`: prompt and padding positions cost no head FLOPs and the
     (batch x length x vocab) logits tensor never exists. Being a Module, it is what
     Accelerate wraps for DDP, so gradient sync still happens.
+
+    That shortcut assumes the model's logits are `head(hidden)`. Models that transform them
+    (Gemma's soft-capping, Cohere's and Granite's scaling, anything custom) are caught once
+    at start-up by `head_matches_model`; for those, `use_model_logits=True` takes the
+    model's own forward (full logits, more memory, always right).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, fused_head: bool = True, use_model_logits: bool = False):
         super().__init__()
         self.model = model
-        self.transform = logits_transform(unwrap_peft(model).config)
+        self.fused_head = fused_head  # False: the head through autograd (same numbers, more memory)
+        self.use_model_logits = use_model_logits
 
     def forward(
         self,
@@ -136,44 +145,42 @@ class TargetTokenLoss(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        causal_lm = unwrap_peft(self.model)
-        hidden = causal_lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
         # Position t predicts token t+1 (labels are aligned with input_ids, HF style).
         targets = labels[:, 1:]
         is_target = targets != IGNORE_INDEX
-        hidden_at_targets = hidden[:, :-1][is_target]
         target_ids = targets[is_target]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.use_model_logits:
+            logits = self.model(**inputs).logits[:, :-1][is_target]
+            return F.cross_entropy(logits.to(softmax_dtype(logits)), target_ids, reduction="sum"), is_target.sum()
+        causal_lm = unwrap_peft(self.model)
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+        hidden_at_targets = hidden[:, :-1][is_target]
         head = causal_lm.get_output_embeddings()
-        if type(head) is torch.nn.Linear and self.transform is None:
+        if self.fused_head and type(head) is torch.nn.Linear:
             loss_sum = linear_cross_entropy(hidden_at_targets, head.weight, target_ids, head.bias)
         else:
-            loss_sum = plain_head_cross_entropy(hidden_at_targets, head, target_ids, transform=self.transform)
+            loss_sum = plain_head_cross_entropy(hidden_at_targets, head, target_ids)
         return loss_sum, is_target.sum()
 
 
-def logits_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:  # noqa: ANN001 (PretrainedConfig)
-    """What the model's CausalLM forward does to the head's output before the loss, if anything.
+@torch.no_grad()
+def head_matches_model(loss_module: TargetTokenLoss, batch: dict[str, torch.Tensor], *, rtol: float = 2e-3) -> bool:
+    """Does the head shortcut give the model's own loss on this batch? (eval mode, no dropout)
 
-    Gemma 2/3 soft-cap logits (cap * tanh(logits / cap)), Cohere multiplies them by
-    `logit_scale`, Granite divides them by `logits_scaling`. None for the usual plain head.
+    rtol 2e-3 on the mean token loss: bf16 rounding moves it by ~1e-4, while a logit
+    transform (soft-capping, scaling) moves it by percents.
     """
-    settings = config.to_dict()
-    cap = settings.get("final_logit_softcapping") or None
-    scale = 1.0
-    if config.model_type.startswith("cohere"):
-        scale *= settings.get("logit_scale") or 1.0
-    if config.model_type.startswith("granite"):
-        scale /= settings.get("logits_scaling") or 1.0
-    if cap is None and scale == 1.0:
-        return None
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits * scale
-        return cap * torch.tanh(logits / cap) if cap is not None else logits
-
-    return transform
+    model = loss_module.model
+    was_training = model.training
+    model.eval()
+    try:
+        ours, count = loss_module(**batch)
+        reference, _ = TargetTokenLoss(model, use_model_logits=True)(**batch)
+    finally:
+        model.train(was_training)
+    ours, reference = float(ours) / max(int(count), 1), float(reference) / max(int(count), 1)
+    return abs(ours - reference) <= rtol * abs(reference) + 1e-6
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -151,7 +151,8 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
         return TORCH_DTYPES[name]
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # T4 / V100 "support" bf16 only by emulation (slow); they get fp16 with loss scaling.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return torch.float32
@@ -242,19 +243,22 @@ def add_lora(
     dropout: float,
     target_modules: list[str] | str = "all-linear",
     use_dora: bool = False,
-    quantized: bool = False,
-    gradient_checkpointing: bool = False,
+    trainable_token_ids: list[int] | None = None,
 ):
     """Wrap a base model with LoRA (or DoRA) adapters; the base stays frozen.
 
     Adapter weights are kept in fp32 even when the base is bf16 (peft's
-    `autocast_adapter_dtype`), so small updates are not rounded away.
-    """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    `autocast_adapter_dtype`), so small updates are not rounded away. A 4-bit base
+    (QLoRA) is wrapped as it is: peft's `prepare_model_for_kbit_training` is not used,
+    because it upcasts every other weight to fp32 (so activations run in fp32 whatever
+    the precision plan) and turns gradient checkpointing reentrant.
 
-    if quantized:
-        # Casts norms to fp32 and enables input grads; required for stable 4-bit training.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    `trainable_token_ids`: embedding rows trained beside the adapter (peft's trainable
+    tokens; tied output rows follow): the tokens a fallback chat template added, whose
+    freshly initialised rows would otherwise stay untrained.
+    """
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -263,6 +267,7 @@ def add_lora(
         use_dora=use_dora,
         bias="none",
         task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_token_ids or None,
     )
     try:
         return get_peft_model(model, config)
@@ -362,6 +367,10 @@ def load_for_inference(
         has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         base = load_base_model(base_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            # The run added tokens (a fallback chat template): the adapter's trained rows for
+            # them go into an embedding of the run's size.
+            base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, weights_dir)
         if merge:
             model = model.merge_and_unload()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from tunelab.allocator import keep_freed_memory
 from tunelab.checkpoint import (
@@ -32,6 +32,7 @@ from tunelab.checkpoint import (
     latest_checkpoint,
     load_training_state,
     publish_directory,
+    rng_state,
     save_checkpoint,
 )
 from tunelab.config import RunConfig, config_to_yaml
@@ -39,7 +40,7 @@ from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
-from tunelab.loss import IGNORE_INDEX, TargetTokenLoss
+from tunelab.loss import IGNORE_INDEX, TargetTokenLoss, head_matches_model
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -89,28 +90,47 @@ class PrecisionPlan:
     """How numbers are stored and computed: frozen weights dtype, Accelerate autocast mode."""
 
     weights: torch.dtype  # dtype the base model is loaded in
+    compute: torch.dtype  # dtype matmuls run in (and the 4-bit layers' compute dtype)
     mixed_precision: str  # Accelerate mode: "no", "bf16" or "fp16"
     label: str
 
 
-def plan_precision(precision: str, *, method: str, device: torch.device) -> PrecisionPlan:
-    """Pick storage and compute dtypes. Trainable parameters and optimizer state stay fp32.
+ADAPTER_METHODS = ("lora", "dora", "qlora")
 
-    Adapter methods keep the frozen base directly in bf16 (no autocast copies of the
-    weights each step); full fine-tuning keeps fp32 master weights under autocast.
-    fp16 always uses autocast with loss scaling.
+
+def plan_precision(precision: str, *, method: str, device: torch.device, weights: str = "auto") -> PrecisionPlan:
+    """Pick storage and compute dtypes. Adapters and optimizer state stay fp32.
+
+    `weights="auto"`: adapter methods keep the frozen base directly in the compute dtype
+    (no autocast copies of the weights each step); full fine-tuning keeps fp32 master
+    weights under autocast. fp16 always uses autocast with loss scaling. `weights` set
+    (`model.dtype`) stores the base in that dtype instead: fp32 under bf16 autocast for
+    adapter methods, or pure-bf16 full fine-tuning (half the memory, no fp32 master copy).
     """
     from tunelab.models import resolve_dtype
 
-    dtype = resolve_dtype(precision, device)
-    if dtype == torch.float32:
-        return PrecisionPlan(torch.float32, "no", "fp32")
-    if dtype == torch.float16:
-        weights = torch.float16 if method in ("lora", "dora", "qlora") else torch.float32
-        return PrecisionPlan(weights, "fp16", "fp16 autocast + loss scaling")
-    if method in ("lora", "dora", "qlora"):
-        return PrecisionPlan(torch.bfloat16, "no", "bf16 base weights, fp32 adapters")
-    return PrecisionPlan(torch.float32, "bf16", "bf16 autocast, fp32 weights")
+    compute = resolve_dtype(precision, device)
+    adapters = method in ADAPTER_METHODS
+    if weights != "auto":
+        stored = resolve_dtype(weights, device)
+        if stored == torch.float16 and not adapters:
+            raise TunelabError(
+                "model.dtype=fp16 with method: full: fp16 weights cannot be updated under loss scaling.\n"
+                "  fix: model.dtype=bf16 or fp32 (or auto), or an adapter method"
+            )
+        if compute == torch.float16:
+            return PrecisionPlan(stored, compute, "fp16", f"fp16 autocast + loss scaling, {weights} weights")
+        if compute == torch.float32 or stored != torch.float32:
+            # Without autocast a layer computes in its weights' dtype.
+            return PrecisionPlan(stored, stored, "no", f"{weights} weights (model.dtype)")
+        return PrecisionPlan(stored, compute, "bf16", "bf16 autocast, fp32 weights (model.dtype)")
+    if compute == torch.float32:
+        return PrecisionPlan(torch.float32, compute, "no", "fp32")
+    if compute == torch.float16:
+        return PrecisionPlan(torch.float16 if adapters else torch.float32, compute, "fp16", "fp16 autocast + loss scaling")
+    if adapters:
+        return PrecisionPlan(torch.bfloat16, compute, "no", "bf16 base weights, fp32 adapters")
+    return PrecisionPlan(torch.float32, compute, "bf16", "bf16 autocast, fp32 weights")
 
 
 # --- the run folder ---------------------------------------------------------------------------
@@ -229,16 +249,25 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """Mean loss per target token over the eval batches (all processes)."""
-    loss_module.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    """Mean loss per target token over the eval batches of all processes.
+
+    Every process must call this, also one whose share of the eval batches is empty (it
+    adds zeros): the sums meet in one collective. The forward passes go through the
+    unwrapped module, so ranks with more batches than others run no DDP collectives
+    (buffer broadcasts) that the others would not match. Sums are taken on the host in
+    float64 (Apple MPS has no float64 tensors).
+    """
+    module = accelerator.unwrap_model(loss_module)
+    module.eval()
+    loss_sum, count = 0.0, 0
     for batch in batches:
         with accelerator.autocast():
-            loss_sum, count = loss_module(**_to_device(batch, accelerator.device))
-        total += torch.stack([loss_sum.double(), count.double()])
-    total = accelerator.reduce(total, reduction="sum")
-    loss_module.train()
-    return float(total[0] / total[1].clamp(min=1))
+            batch_loss, batch_count = module(**_to_device(batch, accelerator.device))
+        loss_sum += float(batch_loss)
+        count += int(batch_count)
+    module.train()
+    totals = gather_object([(loss_sum, count)])  # [(sum, count)] of every process
+    return sum(t[0] for t in totals) / max(sum(t[1] for t in totals), 1)
 
 
 def accumulate_gradients(
@@ -265,6 +294,15 @@ def accumulate_gradients(
         local_loss += loss_sum.item()
     step_loss = accelerator.reduce(torch.tensor(local_loss, device=accelerator.device), reduction="sum").item()
     return step_loss, step_tokens
+
+
+def optimizer_step(optimizer, scheduler, accelerator: Accelerator) -> None:
+    """Step the optimizer, and the schedule only if the step was taken: under fp16 loss
+    scaling a step with inf/NaN gradients is skipped, and the learning rate waits with it."""
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -354,7 +392,7 @@ def run_name(config: RunConfig, config_path: str | None) -> str:
 
 def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = False) -> TrainResult:
     """Fine-tune as the config says and write the run folder. Returns where and how it went."""
-    from tunelab.models import add_lora, count_parameters, freeze_parameters, load_base_model
+    from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters, load_base_model
 
     # ---- setup: unpack the config -----------------------------------------------------------
     cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
@@ -373,7 +411,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     trackers = config.logging.trackers
     check_trackers_installed(trackers)
     probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    precision = plan_precision(cfg_train.precision, method=method, device=probe_device)
+    precision = plan_precision(cfg_train.precision, method=method, device=probe_device, weights=cfg_model.dtype)
     accelerator = fresh_accelerator(
         mixed_precision=precision.mixed_precision, log_with=trackers or None, project_dir=str(run_dir)
     )
@@ -391,16 +429,16 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         bits=quant.bits,
         quant_type=quant.quant_type,
         double_quant=quant.double_quant,
-        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quant.compute_dtype],
+        compute_dtype=precision.compute if quant.compute_dtype == "auto" else TORCH_DTYPES[quant.compute_dtype],
         attn_implementation=cfg_model.attn_implementation,
         trust_remote_code=cfg_model.trust_remote_code,
         device=accelerator.device,
     )
-    if added_tokens:
+    if added_tokens:  # rows for the fallback chat template's tokens; trained below
         model.resize_token_embeddings(len(tokenizer))
     if cfg_train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    is_adapter = method in ("lora", "dora", "qlora")
+    is_adapter = method in ADAPTER_METHODS
     if is_adapter:
         model = add_lora(
             model,
@@ -409,13 +447,11 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             dropout=config.lora.dropout,
             target_modules=config.lora.target_modules,
             use_dora=method == "dora",
-            quantized=quant.bits is not None,
-            gradient_checkpointing=cfg_train.gradient_checkpointing,
+            trainable_token_ids=tokenizer.convert_tokens_to_ids(added_tokens),
         )
         # Plain LoRA layers run as one autograd function (same numbers, fewer memory passes).
         fuse_lora_layers(model)
     else:
-        model = model.float() if precision.weights != torch.float32 else model
         freeze_parameters(model, config.full.freeze)
     model.config.use_cache = False  # no KV cache in training: packed rows stay isolated
     trainable, total = count_parameters(model)
@@ -429,26 +465,37 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     # ---- data ---------------------------------------------------------------------------------
     data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accum = cfg_train.gradient_accumulation_steps
+
+    def epoch_batches(epoch: int) -> list:
+        """This process's micro-batches of an epoch: every world-th batch of the epoch's own
+        plan (packing packs each epoch differently), cut to a length all processes share."""
+        plan = data.epoch_plan(cfg_train.batch_size, seed=cfg_train.seed, epoch=epoch,
+                               packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+        return plan[rank : len(plan) // world * world : world]
+
+    def steps_in_epoch(epoch: int) -> int:
+        return len(epoch_batches(epoch)) // accum
+
+    check_enough_batches(len(data.train), len(epoch_batches(0)), world=world, accum=accum)
+    steps_per_epoch = steps_in_epoch(0)
+    if cfg_train.max_steps:
+        total_steps = cfg_train.max_steps
+    else:
+        total_steps = sum(steps_in_epoch(e) for e in range(cfg_train.epochs))
+    warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
+    warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
-    batches_per_epoch = data.num_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
-    world = accelerator.num_processes
-    micro_per_process = batches_per_epoch // world
-    if micro_per_process == 0:
-        raise TunelabError(
-            f"{len(data.train)} training examples make {batches_per_epoch} batches, fewer than {world} processes.\n"
-            "  fix: more data or a smaller training.batch_size"
-        )
-    accum = cfg_train.gradient_accumulation_steps
-    steps_per_epoch = max(1, micro_per_process // accum)
-    total_steps = cfg_train.max_steps or steps_per_epoch * cfg_train.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
-    warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
 
     # ---- optimizer, schedule, state -------------------------------------------------------------
     loss_module = TargetTokenLoss(model)
+    probe = data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing)
+    if not head_matches_model(loss_module, _to_device(probe, accelerator.device)):
+        loss_module.use_model_logits = True
+        say("[yellow]note[/]: this model transforms its logits; the loss takes its full logits (more memory)")
     optimizer = build_optimizer(
         model,
         name=cfg_train.optimizer,
@@ -460,29 +507,42 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     if cfg_train.compile:
         loss_module = torch.compile(loss_module)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    state = TrainState()
+    state = TrainState(num_processes=world, gradient_accumulation_steps=accum)
     checkpoints_dir = run_dir / "checkpoints"
     if resume:
         checkpoint = latest_checkpoint(checkpoints_dir)
         if checkpoint is None:
             raise TunelabError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        check_resumable(checkpoint, num_processes=world, accum=accum)
         load_trainable_weights(model, checkpoint, is_adapter=is_adapter)
-        state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
+        state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler, rank=rank,
+                                    scaler=accelerator.scaler)
         say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
     if trackers:
         accelerator.init_trackers(config.logging.project, config=json.loads(json.dumps(config.model_dump(mode="json"))))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
-    eval_batches = data.eval_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
-    eval_batches = eval_batches[accelerator.process_index :: world]
-    eval_every = cfg_train.eval_steps or steps_per_epoch
-    save_every = cfg_train.save_steps or steps_per_epoch
+    all_eval_batches = data.eval_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+    has_eval = bool(all_eval_batches)  # the same on every process, even one whose share is empty
+    eval_batches = all_eval_batches[rank::world]
+    eval_every = cfg_train.eval_steps  # unset: at each epoch's end
+    # Unset: each epoch's end, and at least every quarter of the run, so that even a
+    # one-epoch run leaves a checkpoint to resume from.
+    save_every = cfg_train.save_steps or max(1, math.ceil(total_steps / 4))
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
         save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method)
 
+    def save_state() -> None:
+        rng_states = gather_object([rng_state()])  # every rank's generators, by rank
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoints_dir, save_weights=save_weights, optimizer=optimizer, scheduler=scheduler,
+                            state=state, keep=cfg_train.keep_checkpoints, rng_states=rng_states,
+                            scaler=accelerator.scaler)
+        accelerator.wait_for_everyone()
+
     say(
-        f"[bold]plan[/] {total_steps} steps = {epochs} epoch(s) x {steps_per_epoch} steps; "
+        f"[bold]plan[/] {total_steps} steps (epoch 1: {steps_per_epoch} steps); "
         f"{world} process(es) x batch {cfg_train.batch_size} x accumulation {accum}; warmup {warmup}; "
         f"lr {cfg_train.learning_rate:g} {cfg_train.lr_scheduler}",
         highlight=False,
@@ -505,32 +565,28 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     bar.disable = quiet or not accelerator.is_main_process
     with bar:
         task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
-        if eval_batches and state.global_step == 0:  # the baseline every later eval is compared with
+        if has_eval and state.global_step == 0:  # the baseline every later eval is compared with
             initial = evaluate_loss(loss_module, eval_batches, accelerator)
             metrics.log({"step": 0, "eval_loss": round(initial, 6), "eval_ppl": round(math.exp(min(initial, 50)), 4)})
             history.append({"step": 0, "eval_loss": initial})
             say(f"  step 0: eval loss {initial:.4f}  perplexity {math.exp(min(initial, 50)):.3f}", highlight=False)
         while state.global_step < total_steps and not stop:
-            plan = data.epoch_plan(
-                cfg_train.batch_size, seed=cfg_train.seed, epoch=state.epoch,
-                packing=cfg_data.packing, max_length=cfg_data.max_seq_length,
-            )
-            my_batches = plan[accelerator.process_index : micro_per_process * world : world]
+            my_batches = epoch_batches(state.epoch)
             while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
                 micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
                 global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator)
                 grad_norm = None
                 if cfg_train.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm)
+                    grad_norm = float(norm) if norm is not None else None  # DeepSpeed clips inside its step
+                optimizer_step(optimizer, scheduler, accelerator)
                 state.global_step += 1
                 state.batch_index += accum
                 state.tokens_seen += int(step_tokens)
                 tokens_this_run += int(step_tokens)
                 window_loss += global_loss
                 window_tokens += step_tokens
+                epoch_end = state.batch_index + accum > len(my_batches)
 
                 if state.global_step % cfg_train.logging_steps == 0 or state.global_step == total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -551,7 +607,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
                     window_start = time.perf_counter()
                 bar.update(task, completed=state.global_step)
 
-                if eval_batches and (state.global_step % eval_every == 0 or state.global_step == total_steps):
+                due = state.global_step % eval_every == 0 if eval_every else epoch_end
+                if has_eval and (due or state.global_step == total_steps):
                     last_eval = evaluate_loss(loss_module, eval_batches, accelerator)
                     record = {"step": state.global_step, "eval_loss": round(last_eval, 6),
                               "eval_ppl": round(math.exp(min(last_eval, 50)), 4)}
@@ -568,15 +625,16 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
                             say(f"[yellow]early stopping[/]: no eval improvement in {patience} evaluations")
                             stop = True
 
-                if state.global_step % save_every == 0 and state.global_step < total_steps and not stop:
-                    if accelerator.is_main_process:
-                        save_checkpoint(checkpoints_dir, save_weights=save_weights, optimizer=optimizer,
-                                        scheduler=scheduler, state=state, keep=cfg_train.keep_checkpoints)
-                    accelerator.wait_for_everyone()
-                if stop:
+                if epoch_end and not stop and state.global_step < total_steps:
+                    state.epoch += 1  # counted before saving: a resume starts the next epoch
+                    state.batch_index = 0
+                due = state.global_step % save_every == 0 or (epoch_end and not cfg_train.save_steps)
+                if due and state.global_step < total_steps and not stop:
+                    save_state()
+                if stop or state.batch_index == 0:
                     break
-            if not stop and state.global_step < total_steps:
-                state.epoch += 1
+            if not stop and state.global_step < total_steps and state.batch_index + accum > len(my_batches):
+                state.epoch += 1  # an epoch too short for one step (packing plans vary), or an old checkpoint
                 state.batch_index = 0
 
     # ---- save -----------------------------------------------------------------------------------
@@ -624,6 +682,34 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         model=model,
         tokenizer=tokenizer,
     )
+
+
+def check_enough_batches(examples: int, batches_per_process: int, *, world: int, accum: int) -> None:
+    """Refuse a plan in which a process cannot fill one optimizer step (it would loop forever)."""
+    if batches_per_process == 0:
+        raise TunelabError(
+            f"{examples} training examples make fewer batches than the {world} processes.\n"
+            "  fix: more data or a smaller training.batch_size"
+        )
+    if batches_per_process < accum:
+        raise TunelabError(
+            f"{examples} training examples make {batches_per_process} micro-batch(es) per process, fewer than "
+            f"training.gradient_accumulation_steps={accum}: not one optimizer step per epoch.\n"
+            "  fix: more data, a smaller training.batch_size, or a smaller training.gradient_accumulation_steps"
+        )
+
+
+def check_resumable(checkpoint: Path, *, num_processes: int, accum: int) -> None:
+    """A checkpoint's batch position counts micro-batches per process: the same split is needed to continue."""
+    saved = json.loads((checkpoint / "state.json").read_text())
+    for key, now, flag in (("num_processes", num_processes, "the launcher's process count"),
+                           ("gradient_accumulation_steps", accum, "training.gradient_accumulation_steps")):
+        if saved.get(key) not in (None, now):
+            raise TunelabError(
+                f"{checkpoint} was written with {key}={saved[key]}, this run has {now}: its position in the "
+                f"data would mean other batches.\n  fix: resume with {flag} = {saved[key]}, or start the run again "
+                "with --overwrite"
+            )
 
 
 def check_trackers_installed(trackers: list[str]) -> None:
