@@ -46,10 +46,13 @@ def serve(
     trainer = core.TrainingManager(workspace)
     demo = build_app(workspace, cache, trainer, concurrency=concurrency)
     try:
-        _, url, share_url = launch(
-            demo, workspace, host=host, port=port, auth=credentials, share=share,
-            max_upload_mb=max_upload_mb, concurrency=concurrency, block=False,
-        )
+        try:
+            _, url, share_url = launch(
+                demo, workspace, host=host, port=port, auth=credentials, share=share,
+                max_upload_mb=max_upload_mb, concurrency=concurrency, block=False,
+            )
+        except OSError as err:  # the port is taken, or the host is not an address of this machine
+            raise TunelabError(f"cannot serve on {host}:{port}: {err}\n  fix: another --port (or --host)") from None
         console.print(f"tunelab ui on [bold]{url}[/] (runs folder {workspace.runs_dir}); Ctrl-C stops it", highlight=False)
         if share_url:
             console.print(f"public link: {share_url}", highlight=False)

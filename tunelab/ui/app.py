@@ -284,8 +284,11 @@ def build_app(
                     run_lr = gr.LinePlot(x="step", y="lr", title="learning rate", height=280)
                 run_report = gr.Markdown()
                 run_summary = gr.Textbox(label="summary (eval.json)", lines=6)
-                run_scores = gr.Dataframe(label="evaluations", interactive=False)
-                run_samples = gr.Dataframe(label="sample predictions", interactive=False, wrap=True)
+                run_scores = gr.Dataframe(headers=["data"], label="evaluations", interactive=False)
+                run_samples = gr.Dataframe(
+                    headers=["data", "prompt", "reference", "prediction", "correct"], label="sample predictions",
+                    interactive=False, wrap=True, max_height=420,
+                )
                 run_config = gr.Code(label="config.yaml", language="yaml", interactive=False)
                 runs_refresh.click(runs_table, None, [runs, run_name], api_name="runs", concurrency_limit=None)
                 runs.select(pick_run, None, run_name, api_visibility="private", concurrency_limit=None)
@@ -309,8 +312,8 @@ def build_app(
                     inspect_button = gr.Button("Inspect")
                 data_verdict = gr.Markdown()
                 with gr.Row():
-                    data_counts = gr.Dataframe(label="counts", interactive=False)
-                    data_formats = gr.Dataframe(label="examples per format", interactive=False)
+                    data_counts = gr.Dataframe(headers=["what", "count"], label="counts", interactive=False)
+                    data_formats = gr.Dataframe(headers=["format", "examples"], label="examples per format", interactive=False)
                 data_hist = gr.BarPlot(x="tokens", y="examples", title="token lengths", sort=None, height=260)
                 data_problems = gr.Textbox(label="invalid records (file:line)", lines=4)
                 data_view = gr.HTML()
@@ -330,11 +333,15 @@ def build_app(
                     "Stop interrupts it like Ctrl-C; Resume continues the run from its newest checkpoint."
                 )
                 with gr.Row():
-                    config_pick = gr.Dropdown(core.config_files(workspace), label="config from configs/", scale=3, elem_id="config-pick")
-                    train_name = gr.Textbox(label="run name", elem_id="train-name")
+                    # Open with quickstart.yaml (else the first config) in the editor, never a blank one.
+                    names = core.config_files(workspace)
+                    first = "quickstart.yaml" if "quickstart.yaml" in names else (names[0] if names else None)
+                    first_text = (workspace.configs_dir / first).read_text(encoding="utf-8") if first else ""
+                    config_pick = gr.Dropdown(names, value=first, label="config from configs/", scale=3, elem_id="config-pick")
+                    train_name = gr.Textbox(Path(first).stem if first else "", label="run name", elem_id="train-name")
                     train_data = gr.Textbox(label="data file (optional: overrides data.train)", elem_id="train-data")
-                config_editor = gr.Code(label="config (YAML)", language="yaml", interactive=True, elem_id="config-editor")
-                config_check = gr.Markdown(elem_id="config-check")
+                config_editor = gr.Code(first_text, label="config (YAML)", language="yaml", interactive=True, elem_id="config-editor")
+                config_check = gr.Markdown(check_config(first_text) if first else "", elem_id="config-check")
                 with gr.Row():
                     train_start = gr.Button("Start", variant="primary", elem_id="train-start")
                     train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")

@@ -31,6 +31,7 @@ from tunelab.errors import TunelabError
 DEFAULT_SOURCE = "default"  # the bundled SmolLM2-135M-Instruct, as `tunelab chat default`
 UI_DIR = ".ui"  # RUNS/.ui/: configs and logs of trainings started from the UI
 LOG_TAIL_LINES = 200
+LOG_TAIL_BYTES = 64 * 1024
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -557,7 +558,8 @@ class TrainingManager:
                 overrides.append(f"data.train={self.workspace.check_path(data, 'data file')}")
             config = check_config_text(config_text, overrides)
             for key, value in (("data.train", config.data.train), ("data.eval", config.data.eval), ("model.name", config.model.name)):
-                if value and Path(value).expanduser().exists():  # local paths only; hub ids are not files
+                # Local paths only (the trainer runs in the working directory); hub ids are not files.
+                if value and (self.workspace.cwd / Path(value).expanduser()).exists():
                     self.workspace.check_path(value, key)
             config_path = write_text_atomic(self.workspace.ui_dir / f"{name}.yaml", config_text)
             self.job = self._spawn(name, [str(config_path), *overrides], append_log=False)
@@ -617,7 +619,9 @@ class TrainingManager:
         job = self.job
         if job is None or not job.log_path.is_file():
             return ""
-        text = ANSI.sub("", job.log_path.read_text(encoding="utf-8", errors="replace"))
+        with open(job.log_path, "rb") as handle:  # the end only: a long run's log can be large
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            text = ANSI.sub("", handle.read().decode("utf-8", errors="replace"))
         # Rich redraws progress lines with carriage returns: keep each line's last state.
         kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
         return "\n".join(kept[-lines:])
