@@ -208,10 +208,15 @@ def test_data_upload_and_inspect_highlights_trained_tokens(client, workspace_dir
     assert "<mark>" in view and "Blue sky" in view.split("<mark>", 1)[1]  # the answer is trained
     marked = " ".join(part.split("</mark>", 1)[0] for part in view.split("<mark>")[1:])
     assert "Name a colour." in view and "Name a colour." not in marked  # the prompt is not
-    big = tmp_path / "big.jsonl"
-    big.write_text("x" * (2 * 2**20))
-    with pytest.raises(Exception):
-        client.predict("", gradio_client.handle_file(str(big)), "auto", "default", 512, 1, api_name="/inspect_data")
+
+
+def test_uploads_over_the_limit_are_refused(live):
+    import httpx
+
+    upload = live[0].rstrip("/") + "/gradio_api/upload"  # the app under test allows 1 MB
+    big = httpx.post(upload, files={"files": ("big.jsonl", b"x" * (2 * 2**20))})
+    assert big.status_code == 413 and "maximum allowed size of 1048576 bytes" in big.text
+    assert httpx.post(upload, files={"files": ("small.jsonl", b"{}\n")}).status_code == 200
 
 
 # ----------------------------------------------------------------------------- config and training
