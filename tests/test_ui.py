@@ -431,17 +431,21 @@ def test_browser_chat_streams_an_answer(page, workspace_dir):
     page.locator("#chat-send").click()
     bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
     bot.wait_for()
-    seen = set()
+    seen: list[str] = []
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        seen.add(bot.inner_text())
-        if page.locator("#chatbot .generating, #chatbot .pending").count() == 0 and len(seen) > 1:
+    last_change = time.monotonic()
+    while time.monotonic() < deadline:  # until the text has not changed for 2 s
+        text = bot.inner_text().strip()
+        if not seen or text != seen[-1]:
+            seen.append(text)
+            last_change = time.monotonic()
+        elif text and time.monotonic() - last_change > 2.0:
             break
         time.sleep(0.05)
-    final = bot.inner_text().strip()
+    final = seen[-1]
     assert final, "the answer is shown"
-    partial = {text.strip() for text in seen} - {"", final}
-    assert partial, "parts of the answer were shown before the whole of it (streaming)"
+    partial = [text for text in seen[:-1] if text]
+    assert any(len(text) < len(final) for text in partial), "the answer grew piece by piece (streaming)"
     shot(page, "chat")
 
 
