@@ -347,6 +347,30 @@ def report(
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def ui(
+    runs_dir: Annotated[Path, typer.Argument(help="Runs folder to show and train into.")] = Path("runs"),
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 serves other machines (use --auth).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 7860,
+    auth: Annotated[Optional[str], typer.Option("--auth", help="USER:PASS required to open the UI.")] = None,
+    auth_file: Annotated[Optional[Path], typer.Option("--auth-file", help="File with one USER:PASS per line.")] = None,
+    share: Annotated[bool, typer.Option("--share", help="Also make a public gradio.live link (needs internet).")] = False,
+    data_dir: Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra folder the UI may read data/models from (repeatable).")] = None,
+    max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded (least recently used dropped).")] = 3,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Model loads + generations at once; the rest wait in the queue.")] = 2,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest data file upload.")] = 50,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Web UI: chat with and compare models, browse runs, check data, start/stop/resume training."""
+    from tunelab.ui import serve
+
+    serve(
+        runs_dir, host=host, port=port, auth=auth, auth_file=auth_file, share=share, data_dirs=data_dir,
+        max_models=max_models, concurrency=concurrency, max_upload_mb=max_upload_mb, dtype=dtype, device=device,
+    )
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean message."""
     # Library deprecation chatter (transformers/peft FutureWarnings) is not the user's business.

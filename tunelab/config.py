@@ -257,19 +257,24 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file not found: {path} (fix: check the path, or run without a config file)"])
-    text = path.read_text(encoding="utf-8")
+    return parse_config_text(path.read_text(encoding="utf-8"), str(path), is_json=path.suffix == ".json")
+
+
+def parse_config_text(text: str, source: str, *, is_json: bool = False) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse config text (a file's, or an editor's in `tunelab ui`) into a dict plus a line index;
+    problems are located as `source:line`."""
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if is_json else yaml.safe_load(text)
     except json.JSONDecodeError as err:
-        raise ConfigError([f"{path}:{err.lineno}: invalid JSON: {err.msg}"]) from None
+        raise ConfigError([f"{source}:{err.lineno}: invalid JSON: {err.msg}"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise ConfigError([f"{where}: invalid YAML: {getattr(err, 'problem', err)}"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}:1: the config must be a mapping of sections (model:, data:, training: ...)"])
+        raise ConfigError([f"{source}:1: the config must be a mapping of sections (model:, data:, training: ...)"])
     return data, _yaml_line_index(text)
 
 

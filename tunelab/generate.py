@@ -465,9 +465,13 @@ def stream_reply(
     prompt_ids: Sequence[int],
     settings: GenerationSettings,
     on_text: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> str:
-    """Generate one reply in a background thread, passing text pieces to `on_text` as they come."""
-    from transformers import TextIteratorStreamer
+    """Generate one reply in a background thread, passing text pieces to `on_text` as they come.
+
+    Setting `stop` (from another thread: a Stop button) ends generation after the current token.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     config = build_generation_config(tokenizer, model, GenerationSettings(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
@@ -476,6 +480,14 @@ def stream_reply(
     input_ids, attention_mask = left_pad([prompt_ids], config.pad_token_id)
     device = model_device(model)
     failure: list[BaseException] = []
+    criteria = None
+    if stop is not None:
+
+        class StopWhenSet(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        criteria = StoppingCriteriaList([StopWhenSet()])
 
     def run() -> None:
         try:
@@ -485,6 +497,7 @@ def stream_reply(
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
                     streamer=streamer,
+                    stopping_criteria=criteria,
                 )
         except BaseException as err:  # re-raised in the caller's thread below
             failure.append(err)

@@ -1,0 +1,490 @@
+"""`tunelab ui`: each tab's functions through gradio_client against a live app on a tiny model,
+a bounded load test (20 concurrent chat users), and real-browser tests (Playwright + Debian's
+chromium; skipped with a reason where chromium is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+gradio_client = pytest.importorskip("gradio_client")
+
+from tunelab.errors import TunelabError  # noqa: E402
+from tunelab.ui import core  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(os.environ.get("TUNELAB_UI_SCREENSHOTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"))
+
+
+def tiny_config(model_dir: Path, *, max_steps: int, save_steps: int) -> dict:
+    """A run config for the tiny model: LoRA, fp32, one logged loss per step."""
+    return {
+        "model": {"name": str(model_dir)},
+        "data": {"train": "data/train.jsonl", "eval_fraction": 0.1, "max_seq_length": 128},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {
+            "learning_rate": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": max_steps,
+            "warmup_steps": 1, "logging_steps": 1, "save_steps": save_steps, "precision": "fp32", "num_threads": 1,
+        },
+        "output": {"dir": "runs", "name": "tiny", "overwrite": True},
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A working directory with data/, configs/ and runs/tiny (a finished 4-step run with an evaluation)."""
+    from tunelab.config import build_config
+    from tunelab.data.synthetic import synthesize_files
+    from tunelab.evaluate import evaluate_sources
+    from tunelab.train import train
+
+    root = tmp_path_factory.mktemp("ui-workspace")
+    synthesize_files(root / "data" / "train.jsonl", n=48, seed=0, test_output=root / "data" / "test.jsonl", n_test=4)
+    (root / "configs").mkdir()
+    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(tiny_model_dir, max_steps=40, save_steps=2)))
+    config = tiny_config(tiny_model_dir, max_steps=4, save_steps=2)
+    config["data"]["train"] = str(root / "data" / "train.jsonl")
+    config["output"]["dir"] = str(root / "runs")
+    train(build_config(config), quiet=True)
+    evaluate_sources([str(root / "runs" / "tiny")], str(root / "data" / "test.jsonl"), metrics=["exact_match"], max_new_tokens=8, batch_size=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def live(workspace_dir, tiny_model_dir):
+    """The app served on a free port: (url, workspace, cache, trainer)."""
+    from tunelab.ui.app import build_app, launch
+
+    workspace = core.Workspace(workspace_dir / "runs", [tiny_model_dir.parent], cwd=workspace_dir)
+    cache = core.ModelCache(3, dtype="fp32")
+    trainer = core.TrainingManager(workspace)
+    demo = build_app(workspace, cache, trainer, concurrency=2, poll_s=0.5)
+    _, url, _ = launch(demo, workspace, port=None, block=False, max_upload_mb=1)
+    yield url, workspace, cache, trainer
+    trainer.shutdown()
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return gradio_client.Client(live[0], verbose=False)
+
+
+def chat_args(message: str, source: str, max_new_tokens: int = 12, history=None, temperature: float = 1.0):
+    """The /chat endpoint's inputs. Sampling (T 1): the tiny random model's greedy answers are blank lines."""
+    return dict(message=message, history=history or [], source=source, system="", temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens)
+
+
+def plot_rows(plot: dict) -> list[dict]:
+    """A plot's data as gradio_client returns it ({columns, data}) as dicts."""
+    return [dict(zip(plot["columns"], row)) for row in plot["data"]]
+
+
+# ----------------------------------------------------------------------------- chat and compare
+
+
+def test_chat_streams_the_reply_generate_gives(client, live, workspace_dir):
+    """Same tokens as `tunelab generate` with the run's chat template: sampling from the same seed
+    (the server runs in this process, so one torch seed drives both)."""
+    import torch
+
+    from tunelab.generate import GenerationSettings, generate_for_prompts
+
+    _, workspace, cache, _ = live
+    run = str(workspace_dir / "runs" / "tiny")
+    model, tokenizer = cache.get(workspace.model_source(run))  # loading draws random numbers (LoRA init) too
+    torch.manual_seed(123)
+    job = client.submit(**chat_args("What is 12 * 7?", run, temperature=1.0), api_name="/chat")
+    history, box, memory = job.result(timeout=120)
+    updates = job.outputs()
+    reply = core.text_of(history[-1]["content"])
+    assert history[-1]["role"] == "assistant" and reply
+    assert len({core.text_of(u[0][-1]["content"]) for u in updates}) >= 3, "the reply arrives in pieces"
+    assert box == "" and "model slots used" in updates[0][2]  # the loaded-models panel
+    torch.manual_seed(123)
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    expected = generate_for_prompts(model, tokenizer, ["What is 12 * 7?"], settings)[0]["completion"]
+    assert reply == expected
+
+
+def test_chat_keeps_history_and_rejects_paths_outside(client, workspace_dir):
+    run = str(workspace_dir / "runs" / "tiny")
+    first, _, _ = client.predict(**chat_args("hello", run, 4), api_name="/chat")
+    second, _, _ = client.predict(**chat_args("again", run, 4, history=first), api_name="/chat")
+    assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant"]
+    with pytest.raises(Exception, match="outside the folders this UI may read"):
+        client.predict(**chat_args("hi", "/etc"), api_name="/chat")
+    assert client.predict(api_name="/clear") == []
+
+
+def test_stop_ends_a_reply_early(live, workspace_dir):
+    _, workspace, cache, _ = live
+    model, tokenizer = cache.get(workspace.model_source(str(workspace_dir / "runs" / "tiny")))
+    stop = threading.Event()
+    stop.set()  # set before the first token: generation ends after one step
+    texts = list(core.chat_stream(model, tokenizer, [], "hi", max_new_tokens=200, temperature=0.0, top_p=1.0, stop=stop))
+    full = list(core.chat_stream(model, tokenizer, [], "hi", max_new_tokens=200, temperature=0.0, top_p=1.0))
+    assert len(tokenizer(texts[-1])["input_ids"]) <= 2 < len(tokenizer(full[-1])["input_ids"])
+
+
+def test_compare_two_models_side_by_side(client, workspace_dir, tiny_model_dir):
+    run = str(workspace_dir / "runs" / "tiny")
+    a, b, c = client.predict("What is 3 + 4?", str(tiny_model_dir), run, "", "", 1.0, 10, api_name="/compare")
+    assert a and b and c == "" and a != b
+    a, b, c = client.predict("What is 3 + 4?", str(tiny_model_dir), run, run, "", 1.0, 10, api_name="/compare")
+    assert a and b and c
+    with pytest.raises(Exception, match="at least two models"):
+        client.predict("x", run, "", "", "", 0.0, 4, api_name="/compare")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_runs_table_and_open_run(client, workspace_dir):
+    table, _ = client.predict(api_name="/runs")
+    rows = {row[0]: dict(zip(table["headers"], row)) for row in table["data"]}
+    tiny = rows["tiny"]
+    assert (tiny["status"], tiny["method"], tiny["steps"]) == ("done", "lora", 4)
+    assert "data-test: exact_match" in tiny["eval scores"]
+    loss, lr, summary, scores, samples, config, report = client.predict("tiny", api_name="/open_run")
+    train_points = [row for row in plot_rows(loss) if row["series"] == "train"]
+    assert [row["step"] for row in train_points] == [1, 2, 3, 4] and len(plot_rows(lr)) == 4
+    assert "train_loss" in summary and "method: lora" in config
+    assert scores["data"][0][0] == "data-test" and len(samples["data"]) == 4
+    assert "/gradio_api/file=" in report and "report.html" in report
+    with pytest.raises(Exception, match="not a run name"):
+        client.predict("../etc", api_name="/open_run")
+
+
+def test_report_link_serves_the_report(client, live, workspace_dir):
+    import httpx
+
+    url = live[0].rstrip("/") + "/gradio_api/file=" + str((workspace_dir / "runs" / "tiny" / "report.html").resolve())
+    response = httpx.get(url)
+    assert response.status_code == 200 and "<h1>Run tiny</h1>" in response.text
+    outside = httpx.get(live[0].rstrip("/") + "/gradio_api/file=/etc/passwd")
+    assert outside.status_code >= 400
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def bad_data(workspace_dir) -> Path:
+    lines = [json.dumps({"instruction": f"Add {i} and {i}.", "output": f"{2 * i}"}) for i in range(5)]
+    lines.insert(2, "{not json")
+    path = workspace_dir / "data" / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_validate_counts_histogram_and_located_errors(client, bad_data, tiny_model_dir):
+    verdict, counts, formats, histogram, problems = client.predict(
+        "data/bad.jsonl", None, "auto", str(tiny_model_dir), 512, api_name="/validate_data"
+    )
+    count = {row[0]: row[1] for row in counts["data"]}
+    assert count["records read"] == 5 and count["invalid records skipped"] == 1 and count["examples kept"] == 5
+    assert "bad.jsonl:3" in problems
+    assert sum(row["examples"] for row in plot_rows(histogram)) == 5
+    assert formats["data"] == [["alpaca", 5]]
+    assert "5 examples usable" in verdict
+    with pytest.raises(Exception, match="outside the folders"):
+        client.predict("/etc/passwd", None, "auto", "default", 512, api_name="/validate_data")
+
+
+def test_data_upload_and_inspect_highlights_trained_tokens(client, workspace_dir, tmp_path):
+    upload = tmp_path / "up.jsonl"
+    upload.write_text(json.dumps({"instruction": "Name a colour.", "output": "Blue sky"}) + "\n")
+    view = client.predict("", gradio_client.handle_file(str(upload)), "auto", "default", 512, 2, api_name="/inspect_data")
+    assert "<mark>" in view and "Blue sky" in view.split("<mark>", 1)[1]  # the answer is trained
+    marked = " ".join(part.split("</mark>", 1)[0] for part in view.split("<mark>")[1:])
+    assert "Name a colour." in view and "Name a colour." not in marked  # the prompt is not
+
+
+def test_uploads_over_the_limit_are_refused(live):
+    import httpx
+
+    upload = live[0].rstrip("/") + "/gradio_api/upload"  # the app under test allows 1 MB
+    big = httpx.post(upload, files={"files": ("big.jsonl", b"x" * (2 * 2**20))})
+    assert big.status_code == 413 and "maximum allowed size of 1048576 bytes" in big.text
+    assert httpx.post(upload, files={"files": ("small.jsonl", b"{}\n")}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- config and training
+
+
+def test_config_check_gives_the_cli_messages(client, workspace_dir, tmp_path):
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+
+    text = "training:\n  learnig_rate: 1e-4\n  batch_size: zero\n"
+    message = client.predict(text, api_name="/check_config")
+    path = tmp_path / "editor"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as cli:
+        load_config(path)
+    for problem in cli.value.problems:
+        assert problem.replace(str(path), "editor") in message
+    assert "editor:2: training.learnig_rate: unknown key; did you mean 'training.learning_rate'?" in message
+    loaded, check, name = client.predict("tiny.yaml", api_name="/load_config")
+    assert "max_steps: 40" in loaded and check.startswith("config OK") and name == "tiny"
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_train_start_stop_resume(client, live, workspace_dir):
+    _, workspace, _, trainer = live
+    text = (workspace_dir / "configs" / "tiny.yaml").read_text()
+    status, _, _ = client.predict(text, "ui-train", "", api_name="/train_start")
+    assert status.startswith("training ui-train: running")
+    with pytest.raises(Exception, match="already running"):
+        client.predict(text, "other", "", api_name="/train_start")
+    run = workspace.runs_dir / "ui-train"
+
+    def logged_steps():
+        status, log, loss = client.predict(api_name="/train_poll")
+        return [row["step"] for row in plot_rows(loss) if row["series"] == "train"]
+
+    assert len(wait_for(lambda: len(logged_steps()) >= 3 and logged_steps(), 120, "3 logged steps")) >= 3
+    wait_for(lambda: core.newest_checkpoint(run), 60, "a checkpoint")
+    status, log, _ = client.predict(api_name="/train_stop")
+    # Stop is Ctrl-C for the trainer: exit 130 (SIGINT), the checkpoints written so far intact.
+    assert "stopped (exit code 130)" in status and "Resume continues" in status, status
+    assert "$ tunelab train" in log
+    stopped_at = int(core.newest_checkpoint(run).name.split("-")[1])
+    assert not (run / "final").exists() and stopped_at < 40
+    rows = {row[0]: row for row in client.predict(api_name="/runs")[0]["data"]}
+    assert rows["ui-train"][1] == f"stopped at step-{stopped_at}"
+
+    status, _, _ = client.predict("ui-train", api_name="/train_resume")
+    assert "running" in status
+    wait_for(lambda: not trainer.job.running, 180, "the resumed run to finish")
+    status, log, loss = client.predict(api_name="/train_poll")
+    assert "finished (exit code 0)" in status, log
+    assert f"resumed from {run / 'checkpoints'}" in log.replace("\n", "")
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    steps = [row["step"] for row in plot_rows(loss) if row["series"] == "train"]
+    assert max(steps) == 40 and stopped_at + 1 in steps
+
+
+def test_train_refuses_bad_config_and_outside_data(client):
+    with pytest.raises(Exception, match="unknown key"):
+        client.predict("trainig:\n  epochs: 1\n", "x", "", api_name="/train_start")
+    with pytest.raises(Exception, match="outside the folders"):
+        client.predict("method: lora\n", "x", "/etc/hosts", api_name="/train_start")
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def test_twenty_concurrent_chat_users_all_get_answers(live, workspace_dir):
+    url, workspace, cache, _ = live
+    run = str(workspace_dir / "runs" / "tiny")
+    cache.get(workspace.model_source(run))
+    loads_before, rss_before = cache.loads, core.memory_mb()
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+    peak = [rss_before]
+
+    def user(k: int) -> None:
+        try:
+            history, _, _ = gradio_client.Client(url, verbose=False).predict(**chat_args(f"Question {k}: what is {k} + {k}?", run, 8), api_name="/chat")
+            answers[k] = core.text_of(history[-1]["content"])
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=user, args=(k,), daemon=True) for k in range(20)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads) and time.monotonic() - started < 180:
+        peak[0] = max(peak[0], core.memory_mb())
+        time.sleep(0.1)
+    assert not any(t.is_alive() for t in threads), "all 20 users answered within 180 s"
+    assert not errors, errors[:3]
+    assert sorted(answers) == list(range(20)) and all(answers.values())
+    assert cache.loads == loads_before  # nobody loaded another copy of the model
+    assert peak[0] - rss_before < 1024, f"memory grew by {peak[0] - rss_before:.0f} MB under load"
+    print(f"20 users answered in {time.monotonic() - started:.1f} s; peak RSS +{peak[0] - rss_before:.0f} MB")
+
+
+def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspace_dir):
+    cache = core.ModelCache(1, dtype="fp32")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(str(tiny_model_dir)))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.loads == 1 and all(r is results[0] for r in results)
+    cache.get(str(workspace_dir / "runs" / "tiny"))
+    assert cache.loads == 2 and "1 of 1 model slots used" in cache.describe()
+    assert str(workspace_dir / "runs" / "tiny") in cache.describe()
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+def test_workspace_paths(tmp_path):
+    (tmp_path / "runs").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (tmp_path / "link").symlink_to(outside)
+    workspace = core.Workspace(tmp_path / "runs", [], cwd=tmp_path)
+    assert workspace.check_path("runs", "x") == (tmp_path / "runs").resolve()
+    for bad in ("/etc/passwd", "../", "link/secret"):
+        with pytest.raises(TunelabError, match="outside the folders"):
+            workspace.check_path(bad, "data file")
+    assert workspace.model_source("default") is None
+
+
+def test_auth_and_exposure_warning(tmp_path):
+    from tunelab.ui.core import exposure_warning, parse_auth
+
+    assert parse_auth("alice:pw", None) == [("alice", "pw")]
+    auth_file = tmp_path / "users"
+    auth_file.write_text("# users\nbob:x\ncarol\n")
+    with pytest.raises(TunelabError, match=f"{auth_file}:3: expected USER:PASS"):
+        parse_auth(None, auth_file)
+    assert exposure_warning("127.0.0.1", None, False) is None
+    assert "without a password" in exposure_warning("0.0.0.0", None, False)
+    assert exposure_warning("0.0.0.0", [("a", "b")], False) is None
+    result = subprocess.run([sys.executable, "-m", "tunelab", "ui", "--auth", "nopassword"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--auth must be USER:PASS" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_auth_is_required_when_set(workspace_dir, tiny_model_dir):
+    import httpx
+
+    from tunelab.ui.app import build_app, launch
+
+    workspace = core.Workspace(workspace_dir / "runs", [], cwd=workspace_dir)
+    demo = build_app(workspace, core.ModelCache(1), core.TrainingManager(workspace))
+    _, url, _ = launch(demo, workspace, port=None, block=False, auth=[("alice", "pw")])
+    try:
+        assert httpx.get(url.rstrip("/") + "/config").status_code == 401
+        with pytest.raises(Exception):
+            gradio_client.Client(url, verbose=False)
+        client = gradio_client.Client(url, auth=("alice", "pw"), verbose=False)
+        assert "tiny" in [row[0] for row in client.predict(api_name="/runs")[0]["data"]]
+    finally:
+        demo.close()
+
+
+# ----------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        reason = f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install -y chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI always runs them
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(30_000)
+    page.goto(live[0])
+    page.wait_for_selector("text=runs folder", timeout=60_000)
+    yield page
+    page.close()
+
+
+def shot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_browser_chat_streams_an_answer(page, workspace_dir):
+    page.get_by_label("model (bundled, a run, or a path)").fill(str(workspace_dir / "runs" / "tiny"))
+    page.keyboard.press("Enter")
+    page.locator("#chat-input textarea").fill("What is 12 * 7?")
+    page.locator("#chat-send").click()
+    bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+    bot.wait_for()
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    last_change = time.monotonic()
+    while time.monotonic() < deadline:  # until the text has not changed for 2 s
+        text = bot.inner_text().strip()
+        if not seen or text != seen[-1]:
+            seen.append(text)
+            last_change = time.monotonic()
+        elif text and time.monotonic() - last_change > 2.0:
+            break
+        time.sleep(0.05)
+    final = seen[-1]
+    assert final, "the answer is shown"
+    partial = [text for text in seen[:-1] if text]
+    assert any(len(text) < len(final) for text in partial), "the answer grew piece by piece (streaming)"
+    shot(page, "chat")
+
+
+def test_browser_open_run_shows_plot(page):
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#run-name input").fill("tiny")
+    page.keyboard.press("Enter")
+    page.locator("#run-open").click()
+    page.locator("#run-loss canvas, #run-loss svg").first.wait_for(timeout=60_000)
+    shot(page, "runs")
+
+
+def test_browser_training_curve_moves(page, live, workspace_dir):
+    trainer = live[3]
+    wait_for(lambda: trainer.job is None or not trainer.job.running, 180, "no training running")
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#config-pick input").click()
+    page.get_by_role("option", name="tiny.yaml").click()
+    check = "document.querySelector('#config-check').innerText"
+    page.wait_for_function(f"{check}.includes('config OK')")
+    # Edited YAML is checked as it is typed, with the messages of `tunelab config validate`.
+    page.locator("#config-editor .cm-content").click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type("\ntrainig: 1")
+    page.wait_for_function(f"{check}.includes('trainig: unknown key')")  # the editor indents it under output:
+    for _ in range(len("trainig: 1")):
+        page.keyboard.press("Backspace")
+    page.wait_for_function(f"{check}.includes('config OK')")
+    page.locator("#train-name textarea, #train-name input").first.fill("browser-run")
+    page.locator("#train-start").click()
+    page.wait_for_function("document.querySelector('#train-status textarea, #train-status input').value.includes('running')")
+    run = workspace_dir / "runs" / "browser-run"
+    wait_for(lambda: len(core.curves(run)[0]) >= 2, 120, "two logged steps")
+    page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
+    first = page.locator("#train-loss").screenshot()
+    wait_for(lambda: len(core.curves(run)[0]) >= 6, 120, "six logged steps")
+    time.sleep(2.5)  # a few polls of the page
+    later = page.locator("#train-loss").screenshot()
+    assert first != later, "the curve changed while training ran"
+    shot(page, "train")
+    page.locator("#train-stop").click()
+    page.wait_for_function("document.querySelector('#train-status textarea, #train-status input').value.includes('stopped')")
