@@ -1,0 +1,306 @@
+"""Merge and export (hf, gguf, onnx + int8, torchscript) on a tiny LoRA run: round trips, logits, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.config import load_config
+from tunelab.data.synthetic import reasoning_problems
+from tunelab.errors import TunelabError
+from tunelab.export import export_model, merge_model
+from tunelab.export.verify import VerificationError, torch_logits_fn
+from tunelab.models import load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT_FILES = {"export.json", "README.md"}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+PROMPT_IDS = [[1, 28, 345, 9012, 77, 4], [1, 500, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+
+
+def _tunelab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def _train(tiny_model_dir: Path, out: Path, method: str):
+    from tunelab.train import train
+
+    data = out.parent / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(16, seed=3)))
+    config = load_config(None, [
+        f"model.name={tiny_model_dir}", f"data.train={data}", f"output.dir={out.parent}", f"output.name={out.name}",
+        f"method={method}", "training.precision=fp32", "training.batch_size=4", "training.gradient_accumulation_steps=1",
+        "training.learning_rate=5e-2", "training.warmup_steps=0", "training.max_steps=3", "lora.r=4", "lora.alpha=8",
+        "data.max_seq_length=128",
+    ])
+    train(config, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return _train(tiny_model_dir, tmp_path_factory.mktemp("runs") / "lora", "lora")
+
+
+@pytest.fixture(scope="module")
+def adapter_logits(lora_run) -> list[torch.Tensor]:
+    """The trained model's logits, computed on the adapter-on-base model (never merged)."""
+    model, _ = load_for_inference(str(lora_run), dtype="fp32", device="cpu", merge=False)
+    fn = torch_logits_fn(model)
+    return [fn(ids) for ids in PROMPT_IDS]
+
+
+def _max_diff(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(reference, got))
+
+
+# ----------------------------------------------------------------------------- merge / hf
+
+
+def test_merge_writes_a_plain_hf_directory_loadable_without_tunelab(lora_run, adapter_logits, tmp_path):
+    out, info = merge_model(str(lora_run), tmp_path / "merged")
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors", "config.json", "generation_config.json", *TOKENIZER_FILES, *EXPORT_FILES
+    }
+    assert info["format"] == "hf" and info["dtype"] == "float32" and info["source"]["method"] == "lora"
+    assert info["source"]["merge_verification"]["max_rel_logit_diff"] < 1e-4
+    assert info["verification"]["max_abs_logit_diff"] < 1e-4 and info["total_bytes"] == sum(info["files"].values())
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] in (2, [2])  # <|im_end|>
+    # A fresh interpreter where `import tunelab` fails: plain transformers loads the directory.
+    (tmp_path / "ids.json").write_text(json.dumps(PROMPT_IDS))
+    script = textwrap.dedent(f"""
+        import sys, json, torch
+        sys.modules["tunelab"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+        assert tokenizer.chat_template
+        ids = json.load(open({str(tmp_path / "ids.json")!r}))
+        with torch.no_grad():
+            logits = [model(torch.tensor([i])).logits[0] for i in ids]
+        torch.save(logits, {str(tmp_path / "logits.pt")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _max_diff(adapter_logits, torch.load(tmp_path / "logits.pt")) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["dora", "qlora"])
+def test_dora_and_qlora_runs_merge_and_match_adapter_on_base(method, tiny_model_dir, tmp_path):
+    run = _train(tiny_model_dir, tmp_path / method, method)
+    result = _tunelab("merge", str(run), "--dtype", "bf16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run / "merged" / "export.json").read_text())
+    assert info["dtype"] == "bfloat16" and info["source"]["method"] == method
+    assert info["source"]["merge_verification"]["max_rel_logit_diff"] < 1e-4  # fp32 fold
+    assert 0 < info["verification"]["max_rel_logit_diff"] < 5e-2  # bf16 storage rounding, within tolerance
+    if method == "qlora":
+        assert "unquantized" in info["source"]["note"] and "never into 4-bit" in result.stderr
+    merged, _ = load_for_inference(str(run / "merged"), dtype="fp32", device="cpu")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # loaded as requested
+    assert "lora" not in json.dumps(list(dict(merged.named_parameters())))
+
+
+def test_hf_adapter_only_copies_the_adapter(lora_run, tmp_path):
+    out, info = export_model(str(lora_run), "hf", tmp_path / "adapter", adapter_only=True)
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "tunelab_model.json", *TOKENIZER_FILES, *EXPORT_FILES
+    }
+    assert info["format"] == "hf-adapter"
+
+
+# ----------------------------------------------------------------------------- gguf
+
+
+@pytest.mark.parametrize("quantize", ["f32", "q8_0"])
+def test_gguf_round_trip_through_transformers(quantize, lora_run, adapter_logits, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, info = export_model(str(lora_run), "gguf", tmp_path / "gguf", quantize=quantize)
+    name = f"model-{quantize}.gguf"
+    assert {p.name for p in out.iterdir()} == {name, *EXPORT_FILES}
+    assert info["quantization"] == quantize and info["files"][name] == (out / name).stat().st_size
+    numbers = info["verification"]
+    assert numbers["tokenizer_roundtrip_identical"] and numbers["chat_template_identical"]
+    assert numbers["greedy_answers_identical"] == numbers["greedy_answers"] == 6
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+    diff = _max_diff(adapter_logits, [torch_logits_fn(model)(ids) for ids in PROMPT_IDS])
+    if quantize == "f32":
+        assert diff < 1e-4 and info["gguf"]["tensor_types"] == {"F32": 20}  # tied head not written
+    else:
+        assert 1e-4 < diff < 0.05 and info["gguf"]["tensor_types"] == {"Q8_0": 15, "F32": 5}
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=name)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_gguf_rejects_unsupported_architectures(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    result = _tunelab("export", str(tmp_path / "gpt2"), "--format", "gguf", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not support GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_verification_publishes_nothing(lora_run, tmp_path, monkeypatch):
+    from tunelab.export import gguf
+
+    monkeypatch.setattr(gguf, "permute_qk", lambda weight, n_head: weight)  # the wrong rotary layout
+    out = tmp_path / "bad"
+    with pytest.raises(VerificationError, match="does not reproduce the model"):
+        export_model(str(lora_run), "gguf", out, quantize="f32")
+    assert list(tmp_path.iterdir()) == []  # no artifact, no temporary folder
+
+
+# ----------------------------------------------------------------------------- onnx
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(lora_run, tmp_path_factory) -> Path:
+    out, _ = export_model(str(lora_run), "onnx", tmp_path_factory.mktemp("onnx") / "onnx")
+    return out
+
+
+def test_onnx_export_with_kv_cache_matches_pytorch(onnx_dir, adapter_logits):
+    from tunelab.export.onnx_runtime import OnnxCausalLM
+
+    info = json.loads((onnx_dir / "export.json").read_text())
+    assert {p.name for p in onnx_dir.iterdir()} == {
+        "model.onnx", "config.json", "generation_config.json", *TOKENIZER_FILES, *EXPORT_FILES
+    }
+    assert info["onnx"]["kv_cache"] and info["verification"]["max_rel_logit_diff"] < 1e-4
+    assert info["verification"]["greedy_answers_identical"] == 6
+    runtime = OnnxCausalLM(onnx_dir)
+    assert _max_diff(adapter_logits, [runtime.prompt_logits(ids) for ids in PROMPT_IDS]) < 1e-4
+    # The cache path: prompt, then one position per step, equals the whole sequence at once.
+    ids = torch.tensor([PROMPT_IDS[1]])
+    full = runtime(ids).logits[0, -1]
+    logits, past = runtime.step(ids[:, :-1].numpy(), torch.ones(1, 10, dtype=torch.long).numpy(),
+                                torch.arange(10)[None].numpy(), runtime.empty_cache(1))
+    last, _ = runtime.step(ids[:, -1:].numpy(), torch.ones(1, 11, dtype=torch.long).numpy(), torch.tensor([[10]]).numpy(), past)
+    assert float((full - torch.from_numpy(last[0, -1])).abs().max()) < 1e-4
+
+
+def test_generate_and_eval_run_the_onnx_folder_through_onnx_runtime(onnx_dir, lora_run, tmp_path):
+    from tunelab.evaluate import evaluate_sources
+    from tunelab.export.onnx_runtime import OnnxCausalLM
+    from tunelab.generate import GenerationSettings, generate_for_prompts
+
+    model, tokenizer = load_for_inference(str(onnx_dir))
+    assert isinstance(model, OnnxCausalLM)
+    torch_model, _ = load_for_inference(str(lora_run), dtype="fp32", device="cpu")
+    prompts = ["What is 2 + 3?", "Name a color.", "Tom has 4 pens and buys 3 more. How many pens now?"]
+    settings = GenerationSettings(max_new_tokens=12)
+    onnx_rows = generate_for_prompts(model, tokenizer, prompts, settings, batch_size=3)  # left-padded batch
+    torch_rows = generate_for_prompts(torch_model, tokenizer, prompts, settings, batch_size=1)
+    assert [r["completion"] for r in onnx_rows] == [r["completion"] for r in torch_rows]
+    sampled = generate_for_prompts(model, tokenizer, prompts[:1], GenerationSettings(max_new_tokens=8, temperature=0.9, num_samples=3), seed=1)
+    assert len(sampled) == 3 and len({r["completion"] for r in sampled}) > 1
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(4, seed=9)))
+    onnx_eval, torch_eval = (evaluate_sources([src], str(data), metrics=["loss"], output=tmp_path / name)[0]
+                             for src, name in ((str(onnx_dir), "onnx"), (str(lora_run), "torch")))
+    assert abs(onnx_eval.scores["loss"] - torch_eval.scores["loss"]) < 1e-4
+    assert onnx_eval.scores["params"] == torch_eval.scores["params"]
+
+    cli = _tunelab("generate", str(onnx_dir), "--prompt", prompts[0], "--max-new-tokens", "12", cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert cli.stdout.strip() == torch_rows[0]["completion"]
+
+
+def test_seed_style_export_onnx_int8_and_evaluate(lora_run, tmp_path):
+    out = tmp_path / "onnx-int8"
+    result = _tunelab("export", "--model-path", str(lora_run), "--output-path", str(out), "--format", "onnx",
+                      "--quantize", "int8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "export.json").read_text())
+    assert info["quantization"] == "int8" and info["verification_fp32"]["max_rel_logit_diff"] < 1e-4
+    assert info["verification"]["top1_agreement"] >= 0.85
+    assert info["files"]["model.onnx"] < 0.5 * 4 * info["parameters"]  # int8 weights: under half of fp32
+    again = _tunelab("export", "--model-path", str(lora_run), "--output-path", str(out), "--format", "onnx", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert json.loads((out / "export.json").read_text())["quantization"] == "int8"  # untouched
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(3, seed=9)))
+    evaluated = _tunelab("evaluate", "--model-path", str(out), "--eval-data", str(data), "--metrics", "loss,exact_match",
+                         "--max-new-tokens", "8", "--output", str(tmp_path / "eval"), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scores = json.loads(next((tmp_path / "eval").rglob("scores.json")).read_text())
+    assert scores["loss"] > 0 and scores["dtype"] == "int8"
+
+
+# ----------------------------------------------------------------------------- torchscript
+
+
+def test_torchscript_and_torch_export_reload_and_match(lora_run, adapter_logits, tmp_path):
+    out, info = export_model(str(lora_run), "torchscript", tmp_path / "ts")
+    assert {p.name for p in out.iterdir()} == {
+        "model.torchscript.pt", "model.pt2", "config.json", "generation_config.json", *TOKENIZER_FILES, *EXPORT_FILES
+    }
+    assert info["preferred"] == "model.pt2"
+    traced = torch.jit.load(str(out / "model.torchscript.pt"))
+    program = torch.export.load(str(out / "model.pt2")).module()
+    for module in (traced, program):
+        got = []
+        for ids in PROMPT_IDS:  # lengths 6 and 11; the trace used 7
+            tensor = torch.tensor([ids])
+            with torch.no_grad():
+                got.append(module(tensor, torch.ones_like(tensor))[0])
+        assert _max_diff(adapter_logits, got) < 1e-4
+
+
+# ----------------------------------------------------------------------------- bad input, aliases
+
+
+def test_bad_inputs_give_one_clear_message(lora_run, tmp_path, monkeypatch):
+    cases = [
+        (["export", str(lora_run), "--format", "tflite"], "--format 'tflite' is not one of hf, gguf, onnx, torchscript"),
+        (["export", str(tmp_path / "missing"), "--format", "onnx"], "is not a run folder"),
+        (["export", str(lora_run), "--format", "onnx", "--quantize", "q4_0"], "not available for ONNX"),
+        (["export", str(lora_run), "--format", "torchscript", "--quantize", "int8"], "--quantize is for gguf"),
+        (["export", str(lora_run), "--model-path", str(lora_run)], "not both or neither"),
+        (["merge", str(tmp_path)], "holds no model"),
+    ]
+    for args, message in cases:
+        result = _tunelab(*args, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(10, 10, 0))
+    with pytest.raises(TunelabError, match="not enough disk space"):
+        merge_model(str(lora_run), tmp_path / "full-disk")
+    assert not (tmp_path / "full-disk").exists()
+
+
+def test_seed_style_train_generate_and_python_names(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(8, seed=3)))
+    run = tmp_path / "runs" / "seed"
+    trained = _tunelab("train", "--model", str(tiny_model_dir), "--train-data", str(data), "--method", "lora", "--epochs", "3",
+                       "--batch-size", "4", "--max-seq-length", "256", "--max-steps", "1", "--output", str(run), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "max_seq_length: 256" in (run / "config.yaml").read_text()
+    generated = _tunelab("generate", "--model-path", str(run), "--prompt", "Hi", "--max-length", "5", "--temperature", "0.9",
+                         "--num-samples", "3", "--seed", "0", cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.count("### prompt 1, sample") == 3
+
+    import tunelab
+
+    assert tunelab.LLMFineTuner is tunelab.FineTuner and tunelab.FineTuner.save_model is tunelab.FineTuner.save
+    assert callable(tunelab.save_model)
