@@ -254,7 +254,13 @@ def test_seed_style_export_onnx_int8_and_evaluate(lora_run, tmp_path, monkeypatc
     info = json.loads((out / "export.json").read_text())
     assert info["quantization"] == "int8" and info["verification_fp32"]["max_rel_logit_diff"] < 1e-4
     assert info["verification"]["top1_agreement"] >= 0.85
-    assert info["files"]["model.onnx"] < 0.5 * 4 * info["parameters"]  # int8 weights: under half of fp32
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    constants = {i.name for i in graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 7  # q k v o gate up down, 2 layers
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]  # no fp32 weight left
+    assert info["onnx"]["quantization"]["bits"] == 8 and info["onnx"]["quantization"]["block_size"] == 32
     code, _, stderr = _cli(monkeypatch, capsys, "export", "--model-path", str(lora_run), "--output-path", str(out), "--format", "onnx")
     assert code == 2 and "already exists" in stderr and "--overwrite" in stderr
     assert json.loads((out / "export.json").read_text())["quantization"] == "int8"  # untouched

@@ -220,13 +220,13 @@ def _onnx(loaded, tmp: Path, quantize: str | None) -> tuple[dict, dict]:
         for path in list(tmp.iterdir()):
             if path.name.startswith(onnx_format.MODEL_FILE):
                 shutil.move(str(path), fp32_dir / path.name)
-        with status("Quantizing to int8 (ONNX Runtime dynamic quantization)"):
+        with status("Quantizing weights to int8 (ONNX Runtime MatMulNBits, blocks of 32)"):
             details["quantization"] = onnx_format.quantize_int8(fp32_dir / onnx_format.MODEL_FILE, tmp / onnx_format.MODEL_FILE)
         shutil.rmtree(fp32_dir)
         (tmp / "export.json").write_text('{"format": "onnx", "quantization": "int8"}\n')
         with status("Verifying int8 with ONNX Runtime: top-1 and greedy-answer agreement"):
             int8_numbers = onnx_format.verify_onnx(loaded, tmp, quantization="int8")
-        info.update(dtype="int8 weights, fp32 activations", quantization="int8", verification=int8_numbers,
+        info.update(dtype="int8 weights (blocks of 32), fp32 activations", quantization="int8", verification=int8_numbers,
                     verification_fp32=fp32_numbers)
     layers, kv_heads, head_dim = onnx_format.cache_shape(loaded.model.config)
     return info, {"template": onnx_format.README, "precision": quantize or "fp32", "opset": onnx_format.OPSET,

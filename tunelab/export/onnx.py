@@ -7,8 +7,8 @@ lengths are dynamic, so one graph serves the prompt (past = 0) and every later t
 new position per step): generation costs one token per step. `tunelab.export.onnx_runtime`
 runs it.
 
-`--quantize int8` quantizes the verified fp32 graph with ONNX Runtime's dynamic
-quantization (int8 weights of MatMul/Gather, activations quantized on the fly).
+`--quantize int8` quantizes the verified fp32 graph's weights to int8 in blocks of 32
+(ONNX Runtime's MatMulNBits; activations stay fp32; the embedding stays fp32).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ QUANTIZATIONS = ("int8",)
 # Above this many parameter bytes the graph's weights go to a side file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 OPSET = 18
+INT8_BLOCK = 32  # weights per int8 scale (as GGUF q8_0)
 
 
 class CausalLMWithCache(torch.nn.Module):
@@ -111,20 +112,25 @@ def export_onnx(source: Source, path: Path) -> dict:
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> dict:
-    """Dynamic int8 quantization of weights (MatMul, Gather) with ONNX Runtime."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Weight-only int8 of every MatMul with constant weights, in blocks of 32 (ONNX Runtime's MatMulNBits).
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice to the root logger
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
-                             use_external_data_format=fp32_path.with_name(fp32_path.name + ".data").exists())
-    finally:
-        root.setLevel(level)
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8"}
+    Each block of 32 weights along the input dimension gets its own scale (like GGUF q8_0);
+    activations stay fp32. ONNX Runtime's dynamic quantization (`quantize_dynamic`, which
+    quantizes activations per tensor too) kept only 44-53% of SmolLM2-135M's next-token
+    argmaxes, per channel or not, because of its activation outliers; this keeps 99.6%.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
+    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8)
+    quantizer = MatMulNBitsQuantizer(str(fp32_path), algo_config=config)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        quantizer.process()
+        external = fp32_path.with_name(fp32_path.name + ".data").exists()
+        quantizer.model.save_model_to_file(str(int8_path), external)
+    return {"method": "onnxruntime MatMulNBits (weight-only)", "bits": 8, "block_size": INT8_BLOCK, "symmetric": True,
+            "activations": "float32"}
 
 
 def verify_onnx(source: Source, directory: Path, *, quantization: str | None, max_new_tokens: int = 16) -> dict:
