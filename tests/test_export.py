@@ -253,7 +253,7 @@ def test_seed_style_export_onnx_int8_and_evaluate(lora_run, tmp_path, monkeypatc
     assert "exported" in stdout and "top-1 agreement" in stdout
     info = json.loads((out / "export.json").read_text())
     assert info["quantization"] == "int8" and info["verification_fp32"]["max_rel_logit_diff"] < 1e-4
-    assert info["verification"]["top1_agreement"] >= 0.85
+    assert info["verification"]["top1_agreement"] >= 0.9
     import onnx
 
     graph = onnx.load(str(out / "model.onnx")).graph
@@ -348,7 +348,7 @@ def test_real_model_lora_run_merges_and_exports_to_gguf_and_onnx_int8(bundled_di
     from transformers import AutoModelForCausalLM
 
     from tunelab.export.onnx_runtime import OnnxCausalLM
-    from tunelab.generate import GenerationSettings, generate_for_prompts
+    from tunelab.generate import GenerationSettings, encode_prompt, generate_for_prompts, user_messages
     from tunelab.train import train
 
     lines = (gsm8k_dir / "train.jsonl").read_text().splitlines()[:16]
@@ -357,10 +357,10 @@ def test_real_model_lora_run_merges_and_exports_to_gguf_and_onnx_int8(bundled_di
     train(load_config(None, [
         f"data.train={tmp_path / 'train.jsonl'}", f"output.dir={run.parent}", "output.name=real", "training.max_steps=2",
         "training.batch_size=2", "training.gradient_accumulation_steps=1", "training.learning_rate=1e-3",
-        "data.max_seq_length=128", "lora.r=8",
+        "data.max_seq_length=512", "lora.r=8",
     ]), quiet=True)
     adapter, tokenizer = load_for_inference(str(run), dtype="fp32", device="cpu", merge=False)
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": "What is 15 + 27?"}], add_generation_prompt=True)]
+    ids = [encode_prompt(tokenizer, user_messages("What is 15 + 27?"))]
     reference = [torch_logits_fn(adapter)(ids[0])]
     del adapter
 
@@ -382,7 +382,7 @@ def test_real_model_lora_run_merges_and_exports_to_gguf_and_onnx_int8(bundled_di
 
     onnx_dir, onnx_info = export_model(str(run), "onnx", quantize="int8")
     assert onnx_info["verification_fp32"]["max_rel_logit_diff"] < 1e-4
-    assert onnx_info["verification"]["top1_agreement"] >= 0.85
+    assert onnx_info["verification"]["top1_agreement"] >= 0.9
     model, onnx_tokenizer = load_for_inference(str(onnx_dir))
     assert isinstance(model, OnnxCausalLM)
     (row,) = generate_for_prompts(model, onnx_tokenizer, ["What is 15 + 27?"], GenerationSettings(max_new_tokens=24))

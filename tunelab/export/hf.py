@@ -72,7 +72,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{path}")
 tokenizer = AutoTokenizer.from_pretrained("{path}")
-ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True, return_tensors="pt")
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
 print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))
 ```
 

@@ -177,7 +177,7 @@ from transformers import AutoTokenizer
 
 session = ort.InferenceSession("{path}/model.onnx")
 tokenizer = AutoTokenizer.from_pretrained("{path}")
-ids = np.array([tokenizer.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True)])
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True, return_dict=True, return_tensors="np")["input_ids"]
 empty = np.zeros((1, {kv_heads}, 0, {head_dim}), np.float32)
 feed = {{"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}}
 feed.update({{f"past.{{i}}.{{kv}}": empty for i in range({layers}) for kv in ("key", "value")}})

@@ -102,7 +102,7 @@ import torch
 from transformers import AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{path}")
-ids = torch.tensor([tokenizer.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True)])
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
 program = torch.export.load("{path}/model.pt2").module()
 logits = program(ids, torch.ones_like(ids))
 traced = torch.jit.load("{path}/model.torchscript.pt")   # also loadable from C++ (torch::jit::load)

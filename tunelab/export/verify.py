@@ -37,7 +37,7 @@ DEFAULT_PROMPTS = (
 # fp32 only reorders float operations; 16-bit storage rounds every weight (~2^-8 for bf16).
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 # Least top-1 agreement (teacher-forced, every prompt position) for quantized artifacts.
-AGREEMENT_TOLERANCE = {"q8_0": 0.9, "int8": 0.85, "q5_0": 0.8, "q5_1": 0.8, "q4_0": 0.7, "q4_1": 0.7}
+AGREEMENT_TOLERANCE = {"q8_0": 0.9, "int8": 0.9, "q5_0": 0.8, "q5_1": 0.8, "q4_0": 0.7, "q4_1": 0.7}
 
 # Least share of matching greedy tokens for an fp32 artifact's own generation loop (the KV-cache
 # path of ONNX): fp32 reorderings may flip a near-tie late in an answer, nothing more.
