@@ -226,7 +226,7 @@ def _onnx(loaded, tmp: Path, quantize: str | None) -> tuple[dict, dict]:
         (tmp / "export.json").write_text('{"format": "onnx", "quantization": "int8"}\n')
         with status("Verifying int8 with ONNX Runtime: top-1 and greedy-answer agreement"):
             int8_numbers = onnx_format.verify_onnx(loaded, tmp, quantization="int8")
-        info.update(dtype="int8 weights (blocks of 32), fp32 activations", quantization="int8", verification=int8_numbers,
+        info.update(dtype="int8 weights in blocks of 32, int8 compute", quantization="int8", verification=int8_numbers,
                     verification_fp32=fp32_numbers)
     layers, kv_heads, head_dim = onnx_format.cache_shape(loaded.model.config)
     return info, {"template": onnx_format.README, "precision": quantize or "fp32", "opset": onnx_format.OPSET,
