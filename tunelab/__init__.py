@@ -4,7 +4,9 @@ Public API:
     FineTuneConfig, FineTuner      configure, train, generate, save (tunelab.tuner)
     RunConfig, load_config         the typed run config (tunelab.config)
     train                          the training recipe: config -> run folder (tunelab.train)
-    load_for_inference             load a run / checkpoint / model dir / hub id / default model
+    load_for_inference             load a run / checkpoint / model dir / hub id / ONNX export / default model
+    merge_model, export_model      merge adapters; export verified hf / gguf / onnx / torchscript (tunelab.export)
+    LLMFineTuner, save_model       the seed's names for FineTuner and FineTuner.save
 
 Names are imported on first use, so `tunelab --help` does not pay for importing torch.
 """
@@ -23,10 +25,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FineTuneConfig": "tunelab.tuner",
     "FineTuner": "tunelab.tuner",
+    "LLMFineTuner": "tunelab.tuner",
     "RunConfig": "tunelab.config",
     "load_config": "tunelab.config",
     "train": "tunelab.train",
     "load_for_inference": "tunelab.models",
+    "save_model": "tunelab.tuner",
+    "merge_model": "tunelab.export",
+    "export_model": "tunelab.export",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -75,13 +75,14 @@ def train(
     config_file: Annotated[Optional[Path], typer.Argument(help="YAML or JSON run config (optional).")] = None,
     overrides: OverridesArg = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, model dir, .gguf, or 'default'.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Training data file, directory or hub dataset.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "--train-data", help="Training data file, directory or hub dataset.")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluation data.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="lora, dora, qlora or full.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length", help="Tokens per example (data.max_seq_length).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Run folder (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
@@ -94,7 +95,7 @@ def train(
     flags = {
         "model.name": model, "data.train": data, "data.eval": eval_data, "method": method,
         "training.epochs": epochs, "training.batch_size": batch_size, "training.learning_rate": learning_rate,
-        "training.max_steps": max_steps, "training.resume": True if resume else None,
+        "training.max_steps": max_steps, "data.max_seq_length": max_seq_length, "training.resume": True if resume else None,
         "output.overwrite": True if overwrite else None,
     }
     extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -220,10 +221,12 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, c
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens generated per answer.")]
 
 
+@app.command("evaluate", hidden=True)  # the seed's spelling: tunelab evaluate --model-path X --eval-data F
 @app.command("eval")
 def eval_command(
-    sources: Annotated[list[str], typer.Argument(help="One or more runs/models (several: one comparison table).", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Prompt/reference data: GSM8K-style question/answer, alpaca, chat, ...", show_default=False)],
+    sources: Annotated[Optional[list[str]], typer.Argument(help="One or more runs/models (several: one comparison table).", show_default=False)] = None,
+    data: Annotated[str, typer.Option("--data", "--eval-data", help="Prompt/reference data: GSM8K-style question/answer, alpaca, chat, ...", show_default=False)] = "",
+    model_path: Annotated[Optional[list[str]], typer.Option("--model-path", help="A run/model to evaluate (repeatable; same as the arguments).", show_default=False)] = None,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy.")] = "loss,perplexity,exact_match",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass / generate call.")] = 8,
@@ -244,6 +247,9 @@ def eval_command(
     """
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
 
+    sources = [*(sources or []), *(model_path or [])]
+    if not sources or not data:
+        raise TunelabError("give the runs/models to evaluate and --data FILE, e.g. tunelab eval runs/NAME --data test.jsonl")
     if (prompt_field is None) != (response_field is None):
         raise TunelabError("--prompt-field and --response-field go together: give both (e.g. --prompt-field text --response-field label)")
     fields = {"prompt": prompt_field, "response": response_field} if prompt_field else None
@@ -261,11 +267,12 @@ def eval_command(
 
 @app.command()
 def generate(
-    source: ModelSourceArg,
+    source: Annotated[Optional[str], typer.Argument(help="Run folder, checkpoint, adapter or model dir, .gguf, ONNX export, hub id, or 'default'.", show_default=False)] = None,
+    model_path: Annotated[Optional[str], typer.Option("--model-path", help="Same as SOURCE (the seed's spelling).", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = None,
     input_file: Annotated[Optional[str], typer.Option("--input", help="Prompts file: one per line, or JSONL with prompt/question/instruction; '-' = stdin.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL rows {prompt, sample, completion, tokens} here.")] = None,
-    max_new_tokens: MaxNewTokensOpt = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max-length", help="Most tokens generated per answer (--max-length: the seed's spelling, also new tokens).")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     num_samples: Annotated[int, typer.Option("--num-samples", "-k", help="Completions per prompt (needs --temperature > 0).")] = 1,
@@ -279,6 +286,7 @@ def generate(
     """Generate completions for prompts with a run or model (its chat template; stops at end of turn)."""
     from tunelab.generate import GenerationSettings, generate_for_prompts, load_for_generation, read_prompts, write_jsonl_atomic
 
+    source = _one_source(source, model_path)
     if bool(prompt) == (input_file is not None):
         raise TunelabError("give prompts with --prompt TEXT (repeatable) or --input FILE ('-' for stdin), not both or neither")
     prompts = list(prompt) if prompt else read_prompts(input_file)
@@ -334,6 +342,51 @@ def chat(
         reply_prefix="assistant> " if interactive else "",
         stream=interactive,
     )
+
+
+def _one_source(source: str | None, model_path: str | None) -> str:
+    """SOURCE as an argument or as --model-path (the seed's spelling), exactly one of them."""
+    if (source is None) == (model_path is None):
+        raise TunelabError("name the run or model once: as the first argument or with --model-path, not both or neither")
+    return source if source is not None else model_path
+
+
+@app.command()
+def merge(
+    source: Annotated[str, typer.Argument(help="Run folder, checkpoint or adapter (LoRA / DoRA / QLoRA).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Directory to write [default: RUN/merged, or ./NAME-merged].")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (the base's stored dtype), fp32, bf16 or fp16.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+) -> None:
+    """Fold the adapter into the base weights: a plain Hugging Face model directory, verified against adapter-on-base."""
+    from tunelab.export import merge_model
+    from tunelab.export.verify import format_numbers
+
+    out, info = merge_model(source, output, dtype=dtype, overwrite=overwrite)
+    console.print(f"[green]merged[/] {out} ({info['dtype']}, {info['total_bytes'] / 2**20:,.1f} MiB); "
+                  f"reloaded with transformers: {format_numbers(info['verification'])}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+def export_command(
+    source: Annotated[Optional[str], typer.Argument(help="Run folder, checkpoint, adapter, model dir, .gguf, hub id or 'default'.", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf, gguf, onnx or torchscript.")] = "hf",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", "--output-path", help="Export folder [default: RUN/export/FORMAT, or ./export/NAME-FORMAT].")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; onnx: int8.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="hf: auto, fp32, bf16 or fp16.")] = "auto",
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="hf: the adapter alone, not merged.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
+    model_path: Annotated[Optional[str], typer.Option("--model-path", help="Same as SOURCE (the seed's spelling).", show_default=False)] = None,
+) -> None:
+    """Export a run or model (adapters merged first): hf, gguf, onnx (+int8) or torchscript, verified against PyTorch."""
+    from tunelab.export import export_model
+    from tunelab.export.verify import format_numbers
+
+    out, info = export_model(_one_source(source, model_path), fmt, output, quantize=quantize, dtype=dtype,
+                             overwrite=overwrite, adapter_only=adapter_only)
+    numbers = format_numbers(info["verification"]) if info.get("verification") else "adapter files copied"
+    console.print(f"[green]exported[/] {out} ({info['format']}, {info.get('quantization') or info.get('dtype')}, "
+                  f"{info['total_bytes'] / 2**20:,.1f} MiB); verified: {numbers}", highlight=False, soft_wrap=True)
 
 
 @app.command()

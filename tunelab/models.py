@@ -346,12 +346,17 @@ def load_for_inference(
     trust_remote_code: bool = False,
     merge: bool = True,
 ):
-    """Load a run folder, checkpoint, adapter, model dir, .gguf, hub id or the bundled default.
+    """Load a run folder, checkpoint, adapter, model dir, .gguf, hub id, ONNX export or the bundled default.
 
     Returns (model, tokenizer) in eval mode. The tokenizer (and so the chat template) is
     the one saved with the run. LoRA adapters are merged into the base for faster
     generation unless `merge=False` or the base is quantized.
     """
+    if source not in (None, DEFAULT_MODEL):
+        from tunelab.export.onnx_runtime import is_onnx_export, load_onnx_for_inference
+
+        if is_onnx_export(Path(source).expanduser()):  # `tunelab export --format onnx` folder: ONNX Runtime
+            return load_onnx_for_inference(Path(source).expanduser())
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, torch_device)
     weights_dir = resolve_weights_dir(source) if source not in (None, DEFAULT_MODEL) else None

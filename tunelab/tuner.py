@@ -67,6 +67,8 @@ class FineTuner:
         shutil.copytree(result.final_dir, target)
         return target
 
+    save_model = save  # the seed's name for `save`
+
     def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, system: str | None = None) -> str:
         """Answer one prompt with the trained model, through the run's chat template."""
@@ -86,3 +88,11 @@ def _as_source(data: str | Path | list[dict[str, Any]], spill: Path) -> str:
         return str(data)
     spill.write_text("".join(json.dumps(record) + "\n" for record in data), encoding="utf-8")
     return str(spill)
+
+
+LLMFineTuner = FineTuner  # the seed's name for the tuner
+
+
+def save_model(tuner: FineTuner, path: str | Path) -> Path:
+    """The seed's `save_model(tuner, path)`: the same as `tuner.save(path)`."""
+    return tuner.save(path)

@@ -1,0 +1,249 @@
+"""After training: merge adapters and export verified artifacts (hf, gguf, onnx, torchscript).
+
+    merge_model(source, out, dtype)                    -> a plain Hugging Face model directory
+    export_model(source, fmt, out, quantize=...)       -> an export folder
+
+Every export folder holds the artifact, `export.json` (format, source, dtype /
+quantization, file sizes, verification numbers, tunelab version) and a README saying how
+to load it in its runtime. An artifact that does not reproduce the source's logits within
+the stated tolerance (`tunelab.export.verify`) is an error and is not published.
+
+The modules: `merge` (load any source as one merged fp32 model), `verify`, `folder`
+(temp folder -> export.json + README -> rename), and one per format: `hf`, `gguf`,
+`onnx` (+ `onnx_runtime` to run it), `torchscript`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+
+FORMATS = ("hf", "gguf", "onnx", "torchscript")
+
+
+def _name(source: str) -> str:
+    from tunelab.models import DEFAULT_MODEL, BUNDLED_NAME
+
+    if source in (None, DEFAULT_MODEL):
+        return BUNDLED_NAME
+    path = Path(source)
+    if path.name in ("final",) or path.name.startswith("step-"):
+        return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
+    return (path.stem if path.suffix == ".gguf" else path.name) or source.replace("/", "-")
+
+
+def _run_dir(source: str) -> Path | None:
+    path = Path(source).expanduser()
+    return path if (path / "final").is_dir() and (path / "config.yaml").is_file() else None
+
+
+def default_output(source: str, label: str) -> Path:
+    """RUN/export/LABEL for a run folder, else ./export/NAME-LABEL."""
+    run = _run_dir(source)
+    if run is not None:
+        return run / "export" / label
+    return Path("export") / f"{_name(source)}-{label}"
+
+
+def _parameter_bytes(model: torch.nn.Module, bytes_per_weight: float) -> int:
+    return int(sum(p.numel() for p in model.parameters()) * bytes_per_weight) + (64 << 20)
+
+
+def merge_model(source: str, out: str | Path | None = None, *, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, dict]:
+    """Merge a run's / adapter's LoRA or DoRA into its base; write a plain HF directory; verify it.
+
+    A model that is not an adapter is written as is (a format conversion). Returns the
+    directory and its export.json contents.
+    """
+    from tunelab.export import folder, hf
+    from tunelab.export.merge import describe_source, load_source, resolve_merge_dtype
+
+    from tunelab.console import console
+
+    if out is None:
+        run = _run_dir(source)
+        out = run / "merged" if run is not None else Path(f"{_name(source)}-merged")
+    out = Path(out)
+    folder.check_destination(out, overwrite=overwrite, needed_bytes=0)
+    loaded = load_source(source)
+    target = resolve_merge_dtype(dtype, loaded)
+    folder.check_destination(out, overwrite=overwrite, needed_bytes=_parameter_bytes(loaded.model, torch.finfo(target).bits // 8))
+    if loaded.method == "qlora":
+        console.print("QLoRA run: the adapter is merged into the base loaded unquantized (fp32), never into 4-bit weights",
+                      highlight=False)
+    from tunelab.console import status
+
+    with folder.building(out) as tmp:
+        with status(f"Writing the merged model ({hf.DTYPE_NAMES[target]}) to {out}"):
+            hf.write_merged(loaded, tmp, target)
+        numbers = hf.verify_directory(loaded, tmp, target)
+        info = {
+            "format": "hf", "source": describe_source(loaded), "dtype": hf.DTYPE_NAMES[target],
+            "parameters": sum(p.numel() for p in loaded.model.parameters()), "verification": numbers,
+        }
+        from tunelab import __version__
+        from tunelab.export.verify import format_numbers
+
+        readme = hf.README.format(name=_name(source), dtype=hf.DTYPE_NAMES[target], source=source, version=__version__,
+                                  path=out, numbers=format_numbers(numbers))
+        info = folder.finish(tmp, out, info=info, readme=readme)
+    return out, info
+
+
+def export_model(
+    source: str,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    quantize: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    adapter_only: bool = False,
+) -> tuple[Path, dict]:
+    """Export a run / adapter / model to one format, verified; returns the folder and its export.json."""
+    from tunelab.export import gguf as gguf_format
+    from tunelab.export import onnx as onnx_format
+
+    if fmt not in FORMATS:
+        raise TunelabError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        quantize = quantize or "f16"
+        if quantize not in gguf_format.TYPES:
+            raise TunelabError(f"--quantize {quantize!r} is not a GGUF type; choose one of {', '.join(gguf_format.TYPES)}")
+    elif fmt == "onnx":
+        if quantize not in (None, *onnx_format.QUANTIZATIONS):
+            raise TunelabError(f"--quantize {quantize!r} is not available for ONNX; choose {', '.join(onnx_format.QUANTIZATIONS)} or leave it out")
+    elif quantize is not None:
+        raise TunelabError(f"--quantize is for gguf ({', '.join(gguf_format.TYPES)}) and onnx (int8), not --format {fmt}")
+    if adapter_only and fmt != "hf":
+        raise TunelabError("--adapter-only goes with --format hf")
+    label = fmt + (f"-{quantize}" if quantize and not (fmt == "gguf" and quantize == "f16") else "")
+    out = Path(out) if out is not None else default_output(source, label)
+    if fmt == "hf" and not adapter_only:
+        return merge_model(source, out, dtype=dtype, overwrite=overwrite)
+    if fmt == "hf":
+        return _export_adapter(source, out, overwrite=overwrite)
+    from tunelab.export import folder
+    from tunelab.export.merge import load_source
+
+    folder.check_destination(out, overwrite=overwrite, needed_bytes=0)
+    loaded = load_source(source)
+    if fmt == "gguf":
+        gguf_format.check_supported(loaded.model, quantize)  # before any writing
+    bytes_per_weight = gguf_format.BYTES_PER_WEIGHT[quantize] if fmt == "gguf" else 4 + (1 if quantize else 0)
+    folder.check_destination(out, overwrite=overwrite, needed_bytes=_parameter_bytes(loaded.model, bytes_per_weight))
+    with folder.building(out) as tmp:
+        if fmt == "gguf":
+            info, readme_fields = _gguf(loaded, tmp, quantize)
+        elif fmt == "onnx":
+            info, readme_fields = _onnx(loaded, tmp, quantize)
+        else:
+            info, readme_fields = _torchscript(loaded, tmp)
+        from tunelab import __version__
+        from tunelab.export.merge import describe_source
+        from tunelab.export.verify import format_numbers
+
+        info = {"format": fmt, "source": describe_source(loaded), **info,
+                "parameters": sum(p.numel() for p in loaded.model.parameters())}
+        readme = readme_fields.pop("template").format(
+            name=_name(source), source=source, version=__version__, path=out,
+            numbers=format_numbers(info["verification"]), **readme_fields,
+        )
+        info = folder.finish(tmp, out, info=info, readme=readme)
+    return out, info
+
+
+def _export_adapter(source: str, out: Path, *, overwrite: bool) -> tuple[Path, dict]:
+    from tunelab import __version__
+    from tunelab.export import folder, hf
+    from tunelab.export.merge import describe_source, load_source
+
+    folder.check_destination(out, overwrite=overwrite, needed_bytes=64 << 20)
+    loaded = load_source(source)
+    if loaded.kind != "adapter":
+        raise TunelabError(f"--adapter-only needs a LoRA/DoRA run or adapter; {source} is a full model")
+    with folder.building(out) as tmp:
+        hf.copy_adapter(loaded, tmp)
+        info = {"format": "hf-adapter", "source": describe_source(loaded), "verification": loaded.merge_check}
+        readme = hf.ADAPTER_README.format(name=_name(source), method=loaded.method, source=source, version=__version__,
+                                          base=loaded.base_model, path=out)
+        info = folder.finish(tmp, out, info=info, readme=readme)
+    return out, info
+
+
+def _save_runtime_files(loaded, directory: Path) -> None:
+    """config.json, generation_config.json (end-of-turn EOS) and the tokenizer beside an artifact."""
+    from tunelab.models import end_of_turn_ids
+
+    loaded.model.config.save_pretrained(directory)
+    generation = loaded.model.generation_config
+    generation.eos_token_id = end_of_turn_ids(loaded.tokenizer)
+    generation.pad_token_id = loaded.tokenizer.pad_token_id
+    generation.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+
+
+def _gguf(loaded, tmp: Path, quantize: str) -> tuple[dict, dict]:
+    from tunelab.console import progress
+    from tunelab.console import status
+    from tunelab.export import gguf as gguf_format
+
+    file_name = gguf_format.FILE_NAME.format(type=quantize)
+    with progress() as bar:
+        task = bar.add_task(f"Writing GGUF {quantize}", total=gguf_format.tensor_count(loaded))
+        written = gguf_format.write_gguf(loaded, tmp / file_name, quantize, on_tensor=lambda: bar.advance(task))
+    with status("Verifying: reading the GGUF back with transformers, comparing logits and greedy answers"):
+        numbers = gguf_format.verify_gguf(loaded, tmp / file_name, quantize)
+    info = {"file": file_name, "quantization": quantize, "dtype": quantize, "gguf": written, "verification": numbers}
+    return info, {"template": gguf_format.README, "quantize": quantize, "file": file_name}
+
+
+def _onnx(loaded, tmp: Path, quantize: str | None) -> tuple[dict, dict]:
+    import shutil
+
+    from tunelab.console import status
+    from tunelab.export import onnx as onnx_format
+
+    _save_runtime_files(loaded, tmp)
+    with status("Exporting to ONNX with torch.onnx.export(dynamo=True), KV cache in and out"):
+        details = onnx_format.export_onnx(loaded, tmp / onnx_format.MODEL_FILE)
+    (tmp / "export.json").write_text('{"format": "onnx"}\n')  # lets OnnxCausalLM read the folder while verifying
+    with status("Verifying fp32 with ONNX Runtime: logits and greedy answers with the KV cache"):
+        fp32_numbers = onnx_format.verify_onnx(loaded, tmp, quantization=None)
+    info = {"file": onnx_format.MODEL_FILE, "dtype": "float32", "quantization": None, "onnx": details, "verification": fp32_numbers}
+    if quantize == "int8":
+        fp32_dir = tmp / "fp32"
+        fp32_dir.mkdir()
+        for path in list(tmp.iterdir()):
+            if path.name.startswith(onnx_format.MODEL_FILE):
+                shutil.move(str(path), fp32_dir / path.name)
+        with status("Quantizing weights to int8 (ONNX Runtime MatMulNBits, blocks of 32)"):
+            details["quantization"] = onnx_format.quantize_int8(fp32_dir / onnx_format.MODEL_FILE, tmp / onnx_format.MODEL_FILE)
+        shutil.rmtree(fp32_dir)
+        (tmp / "export.json").write_text('{"format": "onnx", "quantization": "int8"}\n')
+        with status("Verifying int8 with ONNX Runtime: top-1 and greedy-answer agreement"):
+            int8_numbers = onnx_format.verify_onnx(loaded, tmp, quantization="int8")
+        info.update(dtype="int8 weights in blocks of 32, int8 compute", quantization="int8", verification=int8_numbers,
+                    verification_fp32=fp32_numbers)
+    layers, kv_heads, head_dim = onnx_format.cache_shape(loaded.model.config)
+    return info, {"template": onnx_format.README, "precision": quantize or "fp32", "opset": onnx_format.OPSET,
+                  "kv_heads": kv_heads, "head_dim": head_dim, "layers": layers}
+
+
+def _torchscript(loaded, tmp: Path) -> tuple[dict, dict]:
+    from tunelab.console import status
+    from tunelab.export import torchscript
+
+    _save_runtime_files(loaded, tmp)
+    with status("Tracing the logits module (torch.jit.trace)"):
+        traced = torchscript.write_torchscript(loaded, tmp)
+    traced["verification"] = torchscript.verify_torchscript(loaded, tmp)
+    with status("Exporting the logits module (torch.export, dynamic batch and sequence)"):
+        exported = torchscript.write_exported(loaded, tmp)
+    exported["verification"] = torchscript.verify_exported(loaded, tmp)
+    info = {"file": torchscript.EXPORTED_FILE, "dtype": "float32", "quantization": None, "torchscript": traced,
+            "torch_export": exported, "verification": exported["verification"], "preferred": torchscript.EXPORTED_FILE}
+    return info, {"template": torchscript.README}

@@ -1,0 +1,93 @@
+"""Hugging Face format: the merged model as a plain `from_pretrained` directory (or the adapter alone).
+
+The directory holds model.safetensors, config.json, generation_config.json (EOS includes
+the chat template's end-of-turn token, so `generate` stops where tunelab stops), the
+tokenizer and its chat template. It is verified by loading it back with
+`AutoModelForCausalLM.from_pretrained` and comparing logits with the source.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from tunelab.export import verify
+from tunelab.export.merge import Source
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def write_merged(source: Source, directory: Path, dtype: torch.dtype) -> None:
+    """Save the merged model in `dtype` with tokenizer, chat template and generation config."""
+    from tunelab.models import end_of_turn_ids
+
+    model = source.model
+    model.generation_config.eos_token_id = end_of_turn_ids(source.tokenizer)
+    model.generation_config.pad_token_id = source.tokenizer.pad_token_id
+    model.config.dtype = dtype
+    # Cast a copy only when needed: the fp32 model stays the reference for other checks.
+    to_save = model if dtype == torch.float32 else _cast_copy(model, dtype)
+    to_save.save_pretrained(directory, safe_serialization=True)
+    source.tokenizer.save_pretrained(directory)
+
+
+def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def verify_directory(source: Source, directory: Path, dtype: torch.dtype) -> dict:
+    """Reload the written directory with plain transformers and compare its logits with the source.
+
+    The reloaded model computes in fp32 from the stored weights, so the difference is the
+    storage dtype's rounding (none for fp32).
+    """
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    reloaded.eval()
+    numbers = verify.compare_logits(source.reference_logits, verify.all_logits(verify.torch_logits_fn(reloaded), source.prompts))
+    verify.check_logits(numbers, dtype=DTYPE_NAMES[dtype], what=f"the saved model ({directory.name})")
+    return numbers
+
+
+def copy_adapter(source: Source, directory: Path) -> None:
+    """The adapter alone (+ tokenizer, chat template, tunelab_model.json naming its base)."""
+    for path in sorted(source.weights_dir.iterdir()):
+        if path.is_file() and (path.name in ADAPTER_FILES or path.name.startswith(("tokenizer", "chat_template", "special_tokens"))
+                               or path.name == "tunelab_model.json"):
+            shutil.copy2(path, directory / path.name)
+
+
+README = """# {name}: Hugging Face model ({dtype})
+
+Merged from `{source}` by tunelab {version}. Plain transformers loads it; tunelab is not needed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{path}")
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello!"}}], add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))
+```
+
+Verified against the source: {numbers}. Details in export.json.
+"""
+
+ADAPTER_README = """# {name}: {method} adapter
+
+The adapter of `{source}` (tunelab {version}), for base model `{base}`:
+
+```python
+from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("{path}")
+```
+
+`tunelab generate {path} --prompt "..."` loads it on its base as well.
+"""
