@@ -601,7 +601,7 @@ def run_trial(trial, plan: StudyPlan, unlock) -> float:
         trial.set_user_attr("message", message)
         trial.set_user_attr("seconds", round(time.time() - started, 2))
         record("failed", None, message)
-        console.print(f"[red]trial {trial.number} failed[/]: {message}", highlight=False)
+        console.print(f"[red]trial {trial.number} failed[/]: {message}", highlight=False, soft_wrap=True)
         raise
     finally:
         # A pruned or failed trial's traceback holds the model: free it before the next trial.
