@@ -161,6 +161,24 @@ def test_diverging_learning_rate_is_pruned_and_failing_trials_do_not_stop_the_st
     assert study.best_trial.params["training.learning_rate"] != 1.0
 
 
+def test_generation_metric_is_maximised_and_saved_with_the_trial(workdir):
+    (workdir / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(4, seed=9)))
+    space = write_space(workdir, "lora.r: [2, 4]\n")
+    study_plan = plan_study(
+        workdir / "base.yaml",
+        [f"output.dir={workdir / 'runs'}", f"data.eval={workdir / 'problems.jsonl'}", "training.max_steps=2",
+         "evaluation.max_new_tokens=8"],
+        space_path=space, n_trials=None, timeout_s=None, study_name="em", storage=None, sampler="grid",
+        pruner="median", metric="exact_match", direction=None,
+    )
+    assert study_plan.direction == "maximize" and study_plan.n_trials == 2  # the whole grid
+    study = run_study(study_plan)
+    for t in study.get_trials():
+        scores = json.loads((study_plan.directory / f"trial-{t.number}" / "eval" / "problems" / "scores.json").read_text())
+        assert scores["examples"] == 4 and t.value == scores["exact_match"]
+        assert t.intermediate_values and all(v < 0 for v in t.intermediate_values.values())  # -eval loss
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -169,14 +187,14 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_killed_study_resumes_and_ends_with_n_finished_trials(workdir):
-    write_space(workdir, "training.learning_rate: {float: [1e-3, 2e-2], log: true}\n")
-    command = ["hpo", "base.yaml", "--space", "space.yaml", "--trials", "3", "--study", "kill",
-               "--pruner", "none"]
+def test_killed_study_resumes_with_two_workers_to_exactly_n_trials(workdir):
+    """Kill a worker mid-trial, then resume the study with two workers at once on its SQLite file."""
+    write_space(workdir, "training.learning_rate: {float: [1e-3, 2e-2], log: true}\nlora.r: [2, 4]\n")
+    command = [sys.executable, "-m", "tunelab", "hpo", "base.yaml", "--space", "space.yaml", "--trials", "4",
+               "--study", "shared", "--pruner", "none"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    folder = workdir / "runs" / "hpo" / "kill"
-    worker = subprocess.Popen([sys.executable, "-m", "tunelab", *command], cwd=workdir, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = workdir / "runs" / "hpo" / "shared"
+    worker = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it while trial 1 trains (trial 0 is then complete)
         wait_for(lambda: (folder / "trial-1" / "metrics.jsonl").is_file(), 240, "trial 1 to start training")
     finally:
@@ -184,40 +202,38 @@ def test_killed_study_resumes_and_ends_with_n_finished_trials(workdir):
         worker.wait()
     first = folder / "trial-0" / "eval.json"
     first_mtime = first.stat().st_mtime_ns
-    result = tunelab(*command, cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
 
-    State = optuna.trial.TrialState
-    trials = study_at(folder, "kill").get_trials()
-    finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED) or "message" in t.user_attrs]
-    assert len(finished) == 3
-    assert trials[0].state == State.COMPLETE and first.stat().st_mtime_ns == first_mtime  # not redone
-    assert trials[1].state == State.FAIL and "message" not in trials[1].user_attrs  # interrupted
-    # Trial 1 is declared dead once its heartbeat is GRACE_S old; its parameters then run again.
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
-    assert len(retries) == 1 and retries[0].params == trials[1].params and retries[0].state == State.COMPLETE
-    assert len(trials) == 4
-    shown = tunelab("hpo", "show", "kill", cwd=workdir)
-    assert shown.returncode == 0, shown.stderr
-    lines = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") > 3}
-    assert "interrupted" in lines["1"] and "retry of trial 1" in shown.stdout
-    assert "3 complete  1 interrupted" in shown.stdout
-
-
-def test_two_workers_share_one_sqlite_study(workdir):
-    write_space(workdir, "training.learning_rate: {float: [1e-3, 2e-2], log: true}\nlora.r: [2, 4]\n")
-    command = [sys.executable, "-m", "tunelab", "hpo", "base.yaml", "--space", "space.yaml", "--trials", "4",
-               "--study", "shared"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
-    folder = workdir / "runs" / "hpo" / "shared"
+
+    State = optuna.trial.TrialState
     trials = study_at(folder, "shared").get_trials()
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state.is_finished() for t in trials)
-    assert sorted(p.name for p in folder.glob("trial-*")) == ["trial-0", "trial-1", "trial-2", "trial-3"]
-    # Both workers trained: each trial's run folder is written by exactly one of them.
-    ran = [sum(f"trial {n}:" in err for n in range(4)) for _, err in outputs]
-    assert sum(ran) == 4 and min(ran) >= 1, ran
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))  # no trial number twice
+    finished = [t for t in trials if t.state in (State.COMPLETE, State.PRUNED) or "message" in t.user_attrs]
+    assert len(finished) == 4 and all(t.state == State.COMPLETE for t in finished)
+    assert trials[0].state == State.COMPLETE and first.stat().st_mtime_ns == first_mtime  # not redone
+    assert trials[1].state == State.FAIL and "message" not in trials[1].user_attrs  # interrupted, not counted
+    # Trial 1 is declared dead once its heartbeat is GRACE_S old; its parameters then run again, once.
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retries) == 1 and retries[0].params == trials[1].params and retries[0].state == State.COMPLETE
+    assert len(trials) == 5
+    for t in finished:  # each trial number has its own run folder, written once
+        assert json.loads((folder / f"trial-{t.number}" / "trial.json").read_text())["number"] == t.number
+    ran = [sum(f"trial {n} complete" in err for n in numbers) for _, err in outputs]
+    assert sum(ran) == 3, ran  # the resuming workers ran trials 2, 3 and the retry between them
+
+    shown = tunelab("hpo", "show", "shared", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") > 3}
+    assert "interrupted" in rows["1"] and "retry of trial 1" in rows[str(retries[0].number)]
+    assert "4 complete  1 interrupted" in shown.stdout
+    assert f"best: trial {min(finished, key=lambda t: t.value).number}," in shown.stdout
+
+
+def test_example_space_validates_against_the_quickstart_config():
+    data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    space = load_space(REPO / "configs" / "hpo" / "quickstart-space.yaml", data)
+    assert [d.key for d in space] == ["training.learning_rate", "lora.r", "training.warmup_steps"]
