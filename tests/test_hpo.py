@@ -17,8 +17,8 @@ import yaml
 
 from tunelab.config import load_config
 from tunelab.data.synthetic import reasoning_problems
-from tunelab.errors import ConfigError
-from tunelab.hpo import load_space, plan_study, run_study
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.hpo import StudyLock, load_space, open_study, plan_study, run_study
 from tunelab.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,16 @@ def test_bad_space_on_the_command_line_is_one_message_exit_2(workdir):
     assert "space.yaml:1: lora.rank: unknown key; did you mean 'lora.r'?" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "runs").exists()
+
+
+def test_a_study_is_bound_to_its_space_and_metric(workdir):
+    first = plan(workdir, write_space(workdir, "lora.r: [2, 4]\n"), study_name="bound")
+    with StudyLock(first.directory):
+        open_study(first)
+    other = plan(workdir, write_space(workdir, "lora.r: [2, 8]\n"), study_name="bound")
+    with pytest.raises(TunelabError, match="started with another search space or metric"):
+        open_study(other)
+    open_study(first)  # the same space loads the study again
 
 
 def test_four_trial_study_completes_and_best_config_trains_to_the_same_loss(workdir):
