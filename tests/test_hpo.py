@@ -114,6 +114,14 @@ def test_a_study_is_bound_to_its_space_and_metric(workdir):
     open_study(first)  # the same space loads the study again
 
 
+def test_timeout_stops_the_worker_before_a_new_trial(workdir):
+    study = run_study(plan(workdir, write_space(workdir, "lora.r: [2, 4]\n"), study_name="late", timeout_s=0))
+    assert study.get_trials() == []
+    folder = workdir / "runs" / "hpo" / "late"
+    assert (folder / "results.csv").read_text().splitlines() == ["trial,state,eval_loss,seconds,message"]
+    assert not (folder / "best.yaml").exists() and (folder / "report.html").is_file()
+
+
 def test_four_trial_study_completes_and_best_config_trains_to_the_same_loss(workdir):
     space = write_space(workdir, "training.learning_rate: {float: [1e-3, 2e-2], log: true}\nlora.r: [2, 4]\n")
     study_plan = plan(workdir, space, n_trials=4, pruner="none")
