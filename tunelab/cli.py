@@ -424,6 +424,46 @@ def ui(
     )
 
 
+@app.command()
+def hpo(
+    config_file: Annotated[Path, typer.Argument(help="Run config to search around (or the word 'show').", show_default=False)],
+    overrides: OverridesArg = None,
+    space: Annotated[Optional[Path], typer.Option("--space", help="Search space YAML: dotted keys -> \\[choices] / {float: \\[lo, hi], log: true} / {int: \\[lo, hi]}.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials the study should hold \\[default: 20; grid: the whole grid].")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds after which this worker starts no new trial.")] = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study name \\[default: CONFIG-SPACE file names]; folder runs/hpo/STUDY.")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL shared by workers \\[default: sqlite in the study folder].")] = None,
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe, grid or random.")] = "tpe",
+    pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none (they watch the eval loss).")] = "median",
+    metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu.")] = "eval_loss",
+    direction: Annotated[Optional[str], typer.Option("--direction", help="minimize or maximize \\[default: by metric].")] = None,
+) -> None:
+    """Search hyperparameters with Optuna: each trial a normal run under runs/hpo/STUDY/trial-K.
+
+    `tunelab hpo show STUDY` prints a study's results table again (STUDY: name, folder, or name + --storage).
+    """
+    from tunelab import hpo as search
+
+    out = console if console.is_terminal else Console(width=200)
+    if str(config_file) == "show" and not config_file.exists():
+        if not overrides or len(overrides) != 1:
+            raise TunelabError("usage: tunelab hpo show STUDY [--storage URL]  (STUDY: a name under runs/hpo, or a study folder)")
+        found = search.load_existing_study(overrides[0], storage=storage)
+        out.print(search.results_table(found, found.user_attrs.get("metric", "value"), found.direction.name.lower()))
+        out.print(search.show_summary(found), highlight=False)
+        return
+    if space is None:
+        raise TunelabError("--space SPACE.yaml is required: the keys to search and their ranges")
+    plan = search.plan_study(
+        config_file, list(overrides or []), space_path=space, n_trials=trials, timeout_s=timeout, study_name=study,
+        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction,
+    )
+    result = search.run_study(plan)
+    out.print(search.results_table(result, plan.metric, plan.direction))
+    out.print(search.show_summary(result), highlight=False)
+    console.print(f"study folder: {plan.directory}  (best.yaml, results.csv, report.html)", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean message."""
     # Library deprecation chatter (transformers/peft FutureWarnings) is not the user's business.

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,8 +391,19 @@ def run_name(config: RunConfig, config_path: str | None) -> str:
     return Path(config_path).stem if config_path else "run"
 
 
-def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = False) -> TrainResult:
-    """Fine-tune as the config says and write the run folder. Returns where and how it went."""
+def train(
+    config: RunConfig,
+    *,
+    config_path: str | None = None,
+    quiet: bool = False,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune as the config says and write the run folder. Returns where and how it went.
+
+    `on_eval(step, eval_loss)` is called after each evaluation during training (not the
+    step-0 baseline); HPO uses it to report to the pruner. An exception it raises stops the
+    run there and propagates (the run folder keeps what was written so far, no final/).
+    """
     from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters, load_base_model
 
     # ---- setup: unpack the config -----------------------------------------------------------
@@ -615,6 +627,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
                     metrics.log(record)
                     history.append(record)
                     say(f"  step {state.global_step}: eval loss {last_eval:.4f}  perplexity {record['eval_ppl']:.3f}", highlight=False)
+                    if on_eval is not None:
+                        on_eval(state.global_step, last_eval)
                     if state.best_eval_loss is None or last_eval < state.best_eval_loss:
                         state.best_eval_loss = last_eval
                         state.evals_without_improvement = 0
