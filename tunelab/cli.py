@@ -75,13 +75,22 @@ def train(
     config_file: Annotated[Optional[Path], typer.Argument(help="YAML or JSON run config (optional).")] = None,
     overrides: OverridesArg = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, model dir, .gguf, or 'default'.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Training data file, directory or hub dataset.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "--train-data", help="Training data file, directory or hub dataset.")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluation data.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="lora, dora, qlora or full.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="lora.r: adapter rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="lora.alpha: updates scaled by alpha / r.")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="lora.dropout.")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length", help="data.max_seq_length: tokens per example.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="training.warmup_steps.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="training.weight_decay.")] = None,
+    gradient_accumulation: Annotated[
+        Optional[int], typer.Option("--gradient-accumulation", "--gradient-accumulation-steps", help="training.gradient_accumulation_steps.")
+    ] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Run folder (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
@@ -96,6 +105,9 @@ def train(
         "training.epochs": epochs, "training.batch_size": batch_size, "training.learning_rate": learning_rate,
         "training.max_steps": max_steps, "training.resume": True if resume else None,
         "output.overwrite": True if overwrite else None,
+        "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "data.max_seq_length": max_seq_length,
+        "training.warmup_steps": warmup_steps, "training.weight_decay": weight_decay,
+        "training.gradient_accumulation_steps": gradient_accumulation,
     }
     extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if output is not None:
@@ -224,11 +236,11 @@ MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tok
 def eval_command(
     sources: Annotated[list[str], typer.Argument(help="One or more runs/models (several: one comparison table).", show_default=False)],
     data: Annotated[str, typer.Option("--data", help="Prompt/reference data: GSM8K-style question/answer, alpaca, chat, ...", show_default=False)],
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy.")] = "loss,perplexity,exact_match",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass / generate call.")] = 8,
-    max_new_tokens: MaxNewTokensOpt = 256,
-    answer_regex: Annotated[Optional[str], typer.Option("--answer-regex", help="Regex for the answer in predictions (group 1 if any) [default: '#### N', else the last number].")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy [default: a run's evaluation.metrics, else loss,perplexity,exact_match; plain text: loss,perplexity].", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples [default: a run's evaluation.limit].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per forward pass / generate call [default: a run's evaluation.batch_size, else 8].", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Most tokens generated per answer [default: a run's evaluation.max_new_tokens, else 256].", show_default=False)] = None,
+    answer_regex: Annotated[Optional[str], typer.Option("--answer-regex", help="Regex for the answer in predictions (group 1 if any) [default: a run's evaluation.answer_regex, else '#### N', else the last number].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Results folder [default: the run folder; ./eval-results/<model> for other models].")] = None,
     fmt: DataFormatOpt = "auto",
     prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", help="Custom data: the field holding the prompt.")] = None,
@@ -240,6 +252,8 @@ def eval_command(
 ) -> None:
     """Score runs/models on the same data: loss, perplexity, exact match, ROUGE, BLEU, accuracy.
 
+    Plain-text data ({"text": ...}) is scored by loss and perplexity over every token.
+
     Writes <output>/eval/<data>/predictions.jsonl and scores.json per model (and merges the run's eval.json).
     """
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
@@ -248,7 +262,7 @@ def eval_command(
         raise TunelabError("--prompt-field and --response-field go together: give both (e.g. --prompt-field text --response-field label)")
     fields = {"prompt": prompt_field, "response": response_field} if prompt_field else None
     results = evaluate_sources(
-        sources, data, metrics=parse_metrics(metrics), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        sources, data, metrics=parse_metrics(metrics) if metrics is not None else None, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         answer_regex=answer_regex, output=output, dtype=dtype, device=device, fmt=fmt, fields=fields, split=split,
     )
     # A pipe or file gets the whole table rather than Rich's 80-column default squeeze.
@@ -257,6 +271,10 @@ def eval_command(
     shown = differing_samples(results, samples)
     if shown:
         out.print(samples_table(results, shown))
+
+
+# `tunelab evaluate` is the same command as `tunelab eval` (the name other tools use).
+app.command("evaluate", help="Same as `tunelab eval`.")(eval_command)
 
 
 @app.command()
@@ -276,7 +294,10 @@ def generate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
-    """Generate completions for prompts with a run or model (its chat template; stops at end of turn)."""
+    """Generate completions for prompts with a run or model (its chat template; stops at end of turn).
+
+    A run trained on plain text continues the raw prompt text, as in training.
+    """
     from tunelab.generate import GenerationSettings, generate_for_prompts, load_for_generation, read_prompts, write_jsonl_atomic
 
     if bool(prompt) == (input_file is not None):
@@ -284,7 +305,7 @@ def generate(
     prompts = list(prompt) if prompt else read_prompts(input_file)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_samples=num_samples)
     settings.check()
-    model, tokenizer = load_for_generation(source, dtype=dtype, device=device)
+    model, tokenizer = load_for_generation(source, dtype=dtype, device=device, chat_template=False if no_chat_template else None)
     rows = generate_for_prompts(
         model, tokenizer, prompts, settings, use_chat_template=not no_chat_template, system=system, seed=seed, batch_size=batch_size
     )

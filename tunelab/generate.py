@@ -248,17 +248,20 @@ def generate_completions(
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def load_for_generation(source: str | None, *, dtype: str = "auto", device: str | None = None):
+def load_for_generation(
+    source: str | None, *, dtype: str = "auto", device: str | None = None, chat_template: bool | None = None
+):
     """Load a run/model for inference (`tunelab.models.load_for_inference`), checking `dtype` first.
 
     `dtype` "auto" picks bf16 only where the hardware runs it fast (CUDA with bf16, CPUs
     with AMX/AVX512-BF16) and fp32 elsewhere: on CPUs without bf16 units it is many times slower.
+    `chat_template` None: as the run was trained (runs trained on plain text continue raw text).
     """
     from tunelab.models import load_for_inference
 
     if dtype not in DTYPES:
         raise TunelabError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return load_for_inference(source, dtype=dtype, device=device)
+    return load_for_inference(source, dtype=dtype, device=device, chat_template=chat_template)
 
 
 def generate_for_prompts(

@@ -154,13 +154,16 @@ def _comparable(config_yaml: str) -> dict:
     return data
 
 
-def save_model_files(model, tokenizer, directory: Path, *, base_model: str | None, method: str) -> None:
-    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template."""
+def save_model_files(
+    model, tokenizer, directory: Path, *, base_model: str | None, method: str, prompt_format: str = "chat"
+) -> None:
+    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template,
+    and how prompts were given in training (`prompt_format`: "chat" template or raw "text")."""
     from tunelab.models import write_model_meta
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    write_model_meta(directory, base_model=base_model, method=method)
+    write_model_meta(directory, base_model=base_model, method=method, prompt_format=prompt_format)
 
 
 def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None:
@@ -315,9 +318,21 @@ def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
     source = resolve_model_source(config.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
     added: list[str] = []
-    if not tokenizer.chat_template and config.data.format != "text":
+    if not tokenizer.chat_template and not trains_on_plain_text(config):
         added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
     return source, tokenizer, added
+
+
+def trains_on_plain_text(config: RunConfig) -> bool:
+    """True when every training record is plain text (format text, or detected as text): such a
+    run is not prompted through a chat template, so a base model must not get one added."""
+    from tunelab.data.pipeline import source_formats
+
+    d = config.data
+    if d.train is None:
+        return d.format == "text"
+    fields = d.fields.model_dump() if d.fields else None
+    return source_formats(d.train, fmt=d.format, fields=fields, split=d.split, hf_config=d.hf_config) == {"text"}
 
 
 def prepare_data(config: RunConfig, directory: Path):
@@ -429,6 +444,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     # ---- data ---------------------------------------------------------------------------------
     data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
+    # Recorded with the weights: inference continues raw text for text runs, uses the template otherwise.
+    prompt_format = "text" if all(example.format == "text" for example in data.train) else "chat"
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
@@ -472,14 +489,14 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     if trackers:
         accelerator.init_trackers(config.logging.project, config=json.loads(json.dumps(config.model_dump(mode="json"))))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
-    eval_batches = data.eval_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+    eval_batches = data.eval_batches(config.evaluation.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
     eval_batches = eval_batches[accelerator.process_index :: world]
     eval_every = cfg_train.eval_steps or steps_per_epoch
     save_every = cfg_train.save_steps or steps_per_epoch
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
-        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method)
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, prompt_format=prompt_format)
 
     say(
         f"[bold]plan[/] {total_steps} steps = {epochs} epoch(s) x {steps_per_epoch} steps; "
@@ -604,7 +621,16 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             "num_processes": world,
         }
         write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
+        from tunelab.evaluate import evaluate_after_training
         from tunelab.report import write_report
+
+        ev = config.evaluation
+        evaluate_after_training(
+            model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            answer_regex=ev.answer_regex, limit=ev.limit, source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
+            split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
+            fields=cfg_data.fields.model_dump() if cfg_data.fields else None, prompt_format=prompt_format, say=say,
+        )
 
         write_report(run_dir)
     accelerator.wait_for_everyone()
