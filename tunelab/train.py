@@ -487,7 +487,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler)
         say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
     if trackers:
-        accelerator.init_trackers(config.logging.project, config=json.loads(json.dumps(config.model_dump(mode="json"))))
+        accelerator.init_trackers(config.logging.project, config=tracker_config(config))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
     eval_batches = data.eval_batches(config.evaluation.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
     eval_batches = eval_batches[accelerator.process_index :: world]
@@ -650,6 +650,19 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
         model=model,
         tokenizer=tokenizer,
     )
+
+
+def tracker_config(config: RunConfig) -> dict[str, int | float | str | bool]:
+    """The config as flat `section.key` scalars: TensorBoard's hparams take only int, float, str
+    and bool (a list or None there fails the run), and flat keys read better in every tracker."""
+
+    def flatten(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+        scalar = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        return {prefix.rstrip("."): scalar}
+
+    return flatten(config.model_dump(mode="json"), "")
 
 
 def check_trackers_installed(trackers: list[str]) -> None:
