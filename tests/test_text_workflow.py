@@ -301,3 +301,19 @@ def test_seed_style_text_workflow_on_the_bundled_model(tmp_path):
     scores = json.loads((run / "eval" / "text" / "scores.json").read_text())
     assert scores["metrics"] == ["loss", "perplexity"] and scores["examples"] == 16
     assert 0 < scores["loss"] < 10 and scores["perplexity"] == pytest.approx(math.exp(scores["loss"]), rel=1e-6)
+
+
+def test_gated_model_error_names_the_token_fix(monkeypatch):
+    import transformers
+
+    from tunelab.models import load_tokenizer
+
+    def refuse(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo.\n401 Client Error. Access to model meta-llama/X is restricted.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(TunelabError) as err:
+        load_tokenizer("meta-llama/X")
+    text = str(err.value)
+    assert "cannot load a tokenizer from 'meta-llama/X'" in text
+    assert "accept its license on its huggingface.co page" in text and "export HF_TOKEN=hf_..." in text

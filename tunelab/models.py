@@ -176,6 +176,17 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def access_fix(err: Exception) -> str:
+    """The fix for a hub repo that refuses access (gated or private), else ""."""
+    text = str(err).lower()
+    if "gated" in text or "401" in text or "403" in text or "access to model" in text:
+        return (
+            "\n  fix: this hub repo is gated or private: accept its license on its huggingface.co page, then give "
+            "a read token: `export HF_TOKEN=hf_...` (or `hf auth login`)"
+        )
+    return ""
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token if it has none.
 
@@ -188,7 +199,7 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise TunelabError(f"cannot load a tokenizer from '{source}': {err}") from None
+        raise TunelabError(f"cannot load a tokenizer from '{source}': {err}{access_fix(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -227,8 +238,8 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise TunelabError(
-            f"cannot load model '{source}': {err}\n  fix: give a local model directory or .gguf file, "
-            "or a hub id on a machine with network access"
+            f"cannot load model '{source}': {err}"
+            + (access_fix(err) or "\n  fix: give a local model directory or .gguf file, or a hub id on a machine with network access")
         ) from None
     if bits is None and device is not None:
         model.to(device)
