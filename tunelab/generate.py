@@ -284,7 +284,10 @@ def generate_for_prompts(
         encoded = [encode_prompt(tokenizer, user_messages(p, system)) for p in prompts]
     else:
         if system:
-            raise TunelabError("--system needs the chat template; drop --no-chat-template or --system")
+            raise TunelabError(
+                "--system needs a chat template, and this model is prompted with raw text (--no-chat-template, a run "
+                "trained on plain text, or a model without a template)\n  fix: drop --system"
+            )
         encoded = [encode_text(tokenizer, p) for p in prompts]
     completions = generate_completions(model, tokenizer, encoded, settings, batch_size=batch_size, seed=seed)
     return [
