@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_llama
 from tunelab.cli import app
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.evaluate import (
     EvalExample,
     data_label,
