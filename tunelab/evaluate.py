@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.generate import (
     GenerationSettings,
     encode_prompt,
