@@ -96,6 +96,11 @@ def test_text_run_continues_raw_text_and_chat_run_uses_the_template(tiny_model_d
     ids = tokenizer(prompt, return_tensors="pt")
     direct = model.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
     assert row["completion"] == tokenizer.decode(direct, skip_special_tokens=True).strip()
+    from tunelab.generate import ChatSession
+
+    session = ChatSession(model, tokenizer, settings=GenerationSettings(max_new_tokens=4))
+    session.history.append({"role": "user", "content": prompt})
+    assert tokenizer.decode(session.fit_prompt()) == prompt + "\n"  # chat continues raw text too, no <|im_start|>
     # Asked explicitly, the template is still there.
     _, templated = load_for_inference(str(text_run.run_dir), dtype="fp32", device="cpu", chat_template=True)
     assert templated.chat_template
