@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_llama
 from tunelab.cli import app
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.evaluate import (
     EvalExample,
     data_label,
@@ -99,8 +99,8 @@ def test_load_eval_examples_reads_formats_and_reports_bad_data(tmp_path, qa_file
     assert multi.reference == "A2" and [m["content"] for m in multi.prompt] == ["S", "U1", "A1", "U2"]
     text = tmp_path / "plain.jsonl"
     text.write_text('{"text": "just text"}\n')
-    with pytest.raises(DataError, match=r"plain.jsonl:1: plain-text record: evaluation needs a prompt and a reference"):
-        load_eval_examples(str(text))
+    (plain,) = load_eval_examples(str(text))  # plain text: scored whole (loss, perplexity)
+    assert plain.plain_text and plain.reference == "just text" and plain.prompt == []
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"review": "great film", "label": "positive"}\n')
     (labelled,) = load_eval_examples(str(labels), fields={"prompt": "review", "response": "label"})

@@ -125,7 +125,7 @@ def test_generate_for_prompts_rows(loaded, tokenizer):
     assert [(r["prompt"], r["sample"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     raw = generate_for_prompts(model, tokenizer, ["Once upon"], GenerationSettings(max_new_tokens=3), use_chat_template=False)
     assert raw[0]["tokens"] == 3
-    with pytest.raises(TunelabError, match="--system needs the chat template"):
+    with pytest.raises(TunelabError, match="--system needs a chat template, and this model is prompted with raw text"):
         generate_for_prompts(model, tokenizer, ["x"], GenerationSettings(), use_chat_template=False, system="s")
 
 

@@ -82,7 +82,15 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
-    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length", help="Tokens per example (data.max_seq_length).")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="lora.r: adapter rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="lora.alpha: updates scaled by alpha / r.")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="lora.dropout.")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option("--max-seq-length", help="data.max_seq_length: tokens per example.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="training.warmup_steps.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="training.weight_decay.")] = None,
+    gradient_accumulation: Annotated[
+        Optional[int], typer.Option("--gradient-accumulation", "--gradient-accumulation-steps", help="training.gradient_accumulation_steps.")
+    ] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Run folder (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of this run.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
@@ -97,6 +105,9 @@ def train(
         "training.epochs": epochs, "training.batch_size": batch_size, "training.learning_rate": learning_rate,
         "training.max_steps": max_steps, "data.max_seq_length": max_seq_length, "training.resume": True if resume else None,
         "output.overwrite": True if overwrite else None,
+        "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "data.max_seq_length": max_seq_length,
+        "training.warmup_steps": warmup_steps, "training.weight_decay": weight_decay,
+        "training.gradient_accumulation_steps": gradient_accumulation,
     }
     extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if output is not None:
@@ -227,11 +238,11 @@ def eval_command(
     sources: Annotated[Optional[list[str]], typer.Argument(help="One or more runs/models (several: one comparison table).", show_default=False)] = None,
     data: Annotated[str, typer.Option("--data", "--eval-data", help="Prompt/reference data: GSM8K-style question/answer, alpaca, chat, ...", show_default=False)] = "",
     model_path: Annotated[Optional[list[str]], typer.Option("--model-path", help="A run/model to evaluate (repeatable; same as the arguments).", show_default=False)] = None,
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy.")] = "loss,perplexity,exact_match",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass / generate call.")] = 8,
-    max_new_tokens: MaxNewTokensOpt = 256,
-    answer_regex: Annotated[Optional[str], typer.Option("--answer-regex", help="Regex for the answer in predictions (group 1 if any) [default: '#### N', else the last number].")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity, exact_match, rouge, bleu, accuracy [default: a run's evaluation.metrics, else loss,perplexity,exact_match; plain text: loss,perplexity].", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N examples [default: a run's evaluation.limit].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per forward pass / generate call [default: a run's evaluation.batch_size, else 8].", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Most tokens generated per answer [default: a run's evaluation.max_new_tokens, else 256].", show_default=False)] = None,
+    answer_regex: Annotated[Optional[str], typer.Option("--answer-regex", help="Regex for the answer in predictions (group 1 if any) [default: a run's evaluation.answer_regex, else '#### N', else the last number].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Results folder [default: the run folder; ./eval-results/<model> for other models].")] = None,
     fmt: DataFormatOpt = "auto",
     prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", help="Custom data: the field holding the prompt.")] = None,
@@ -242,6 +253,8 @@ def eval_command(
     device: DeviceOpt = None,
 ) -> None:
     """Score runs/models on the same data: loss, perplexity, exact match, ROUGE, BLEU, accuracy.
+
+    Plain-text data ({"text": ...}) is scored by loss and perplexity over every token.
 
     Writes <output>/eval/<data>/predictions.jsonl and scores.json per model (and merges the run's eval.json).
     """
@@ -254,7 +267,7 @@ def eval_command(
         raise TunelabError("--prompt-field and --response-field go together: give both (e.g. --prompt-field text --response-field label)")
     fields = {"prompt": prompt_field, "response": response_field} if prompt_field else None
     results = evaluate_sources(
-        sources, data, metrics=parse_metrics(metrics), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        sources, data, metrics=parse_metrics(metrics) if metrics is not None else None, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
         answer_regex=answer_regex, output=output, dtype=dtype, device=device, fmt=fmt, fields=fields, split=split,
     )
     # A pipe or file gets the whole table rather than Rich's 80-column default squeeze.
@@ -263,6 +276,7 @@ def eval_command(
     shown = differing_samples(results, samples)
     if shown:
         out.print(samples_table(results, shown))
+
 
 
 @app.command()
@@ -283,7 +297,10 @@ def generate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
-    """Generate completions for prompts with a run or model (its chat template; stops at end of turn)."""
+    """Generate completions for prompts with a run or model (its chat template; stops at end of turn).
+
+    A run trained on plain text continues the raw prompt text, as in training.
+    """
     from tunelab.generate import GenerationSettings, generate_for_prompts, load_for_generation, read_prompts, write_jsonl_atomic
 
     source = _one_source(source, model_path)
@@ -292,7 +309,7 @@ def generate(
     prompts = list(prompt) if prompt else read_prompts(input_file)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_samples=num_samples)
     settings.check()
-    model, tokenizer = load_for_generation(source, dtype=dtype, device=device)
+    model, tokenizer = load_for_generation(source, dtype=dtype, device=device, chat_template=False if no_chat_template else None)
     rows = generate_for_prompts(
         model, tokenizer, prompts, settings, use_chat_template=not no_chat_template, system=system, seed=seed, batch_size=batch_size
     )

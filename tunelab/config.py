@@ -168,7 +168,17 @@ class RunConfig(Section):
             raise ValueError("method: full cannot train a quantized base; remove quantization.bits or use qlora")
         if self.data.format == "custom" and self.data.fields is None:
             raise ValueError("data.format: custom needs data.fields (prompt, response, optional system)")
+        generated = [m for m in self.evaluation.metrics if m in GENERATION_METRICS]
+        if generated and self.data.eval is None and self.data.eval_split is None:
+            raise ValueError(
+                f"evaluation.metrics: {', '.join(generated)} are measured after training on prompt/answer data from "
+                "data.eval (or data.eval_split); set one, or keep evaluation.metrics to loss, perplexity"
+            )
         return self
+
+
+# Metrics that need the model to generate an answer (the rest are teacher-forced).
+GENERATION_METRICS = ("exact_match", "rouge", "bleu", "accuracy")
 
 
 # Abbreviations people type, mapped to the real key, to sharpen the did-you-mean hints.
@@ -190,6 +200,50 @@ KEY_ALIASES = {
     "warmup": "warmup_steps",
     "output_dir": "dir",
 }
+
+
+# Keys copied from transformers (TrainingArguments, from_pretrained), peft (LoraConfig) and
+# bitsandbytes (BitsAndBytesConfig) configs: tunelab's key (with the value to give, where the
+# meaning differs), so the did-you-mean names it wherever in the config the key was put.
+FOREIGN_KEYS = {
+    "torch_dtype": "model.dtype (auto, bf16, fp16 or fp32)",
+    "model_name_or_path": "model.name",
+    "model_name": "model.name",
+    "device_map": (
+        "tunelab has no such key: it places the model itself (the GPU when there is one, else the CPU); "
+        "for several GPUs run `accelerate launch -m tunelab train ...`"
+    ),
+    "load_in_4bit": "quantization.bits: 4 (or method: qlora)",
+    "load_in_8bit": "quantization.bits: 8",
+    "bnb_4bit_quant_type": "quantization.quant_type",
+    "bnb_4bit_use_double_quant": "quantization.double_quant",
+    "bnb_4bit_compute_dtype": "quantization.compute_dtype",
+    "lora_alpha": "lora.alpha",
+    "lora_r": "lora.r",
+    "lora_dropout": "lora.dropout",
+    "use_dora": "method: dora",
+    "num_train_epochs": "training.epochs",
+    "per_device_train_batch_size": "training.batch_size",
+    "per_device_eval_batch_size": "evaluation.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "optim": "training.optimizer",
+    "bf16": "training.precision: bf16",
+    "fp16": "training.precision: fp16",
+    "report_to": "logging.trackers",
+    "output_dir": "output.dir",
+    "max_length": "data.max_seq_length",
+}
+
+
+def foreign_key_hint(dotted: str) -> str | None:
+    """For a transformers / peft / bitsandbytes key put anywhere (`lora_alpha`, `training.num_train_epochs`):
+    what tunelab calls it. None when the leaf is not such a key or already sits where tunelab has it."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    hint = FOREIGN_KEYS.get(leaf)
+    if hint is None or hint.split(" ", 1)[0].rstrip(":") == dotted:
+        return None
+    return hint
 
 
 def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
@@ -327,8 +381,14 @@ def _format_error(error: dict[str, Any], lines: dict[str, int], source: str | No
     if error["type"] == "extra_forbidden":
         problems = []
         for path in _leaf_paths(error.get("input"), dotted):
+            foreign = foreign_key_hint(path)
             suggestion = suggest_key(path)
-            hint = f"; did you mean '{suggestion}'?" if suggestion else "; `tunelab config show` lists the keys"
+            if foreign is not None and foreign.startswith("tunelab has no"):
+                hint = f" (a transformers/peft/bitsandbytes name); {foreign}"
+            elif foreign is not None:
+                hint = f" (a transformers/peft/bitsandbytes name); tunelab's key is {foreign}"
+            else:
+                hint = f"; did you mean '{suggestion}'?" if suggestion else "; `tunelab config show` lists the keys"
             problems.append(f"{where(path)}{path}: unknown key{hint}")
         return problems
     message = error["msg"].removeprefix("Value error, ")

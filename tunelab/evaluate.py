@@ -4,7 +4,8 @@ Two kinds of measurement, chosen with `metrics`:
 
   * teacher forcing (`loss`, `perplexity`): the reference reply is fed to the model and
     the mean negative log-likelihood of its tokens (the reply plus the end-of-turn token,
-    exactly the tokens training scores) is measured; prompt tokens are masked.
+    exactly the tokens training scores) is measured; prompt tokens are masked. Plain-text
+    records ({"text": ...}) are scored on every token (plus EOS), as training scores them.
   * generation (`exact_match`, `rouge`, `bleu`, `accuracy`): the model answers each
     prompt greedily with its chat template, and the answer is scored against the
     reference with the pure functions of `tunelab.metrics`.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.generate import (
     GenerationSettings,
     encode_prompt,
@@ -61,11 +62,13 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class EvalExample:
-    """A prompt conversation (ending with the user's turn) and the reference reply."""
+    """A prompt conversation (ending with the user's turn) and the reference reply; or, with
+    `plain_text`, a text record (`reference` holds the text, `prompt` is empty) scored whole."""
 
     prompt: list[dict[str, str]]
     reference: str
     source: str  # "file:line", to point at the data in predictions and errors
+    plain_text: bool = False
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -94,7 +97,7 @@ def load_eval_examples(
 
     Any conversation format works (qa/GSM8K, alpaca, dolly, chat, sharegpt, custom
     fields); the last assistant message is the reference and everything before it the
-    prompt. Plain-text records have no reference and are refused.
+    prompt. Plain-text records become `plain_text` examples: loss and perplexity only.
     """
     from tunelab.data import normalise, read_source
 
@@ -107,12 +110,8 @@ def load_eval_examples(
     for example in examples:
         messages = example.messages
         if messages is None:
-            raise DataError(
-                "plain-text record: evaluation needs a prompt and a reference answer\n"
-                '  fix: use question/answer, instruction/output, chat "messages", or --prompt-field/--response-field',
-                example.source.path,
-                example.source.line,
-            )
+            pairs.append(EvalExample(prompt=[], reference=example.text or "", source=str(example.source), plain_text=True))
+            continue
         if messages[-1]["role"] != "assistant":
             raise example.source.error("the conversation does not end with an assistant reply to compare against")
         pairs.append(EvalExample(prompt=messages[:-1], reference=messages[-1]["content"], source=str(example.source)))
@@ -146,11 +145,20 @@ def reply_ids_and_labels(tokenizer, example: EvalExample, *, max_tokens: int, co
     scores exactly the tokens training does. Earlier assistant turns of a multi-turn
     prompt are context, not targets. Over-long examples keep their last `max_tokens`.
     """
-    from tunelab.data.render import conversation_ids_and_mask
+    from tunelab.data.render import conversation_ids_and_mask, text_ids
     from tunelab.data.sources import Location
+    from tunelab.generate import encode_text, has_chat_template, render_prompt
 
+    if example.plain_text:  # every token is a target, as in training; over-long text keeps its start
+        ids = text_ids(example.reference, tokenizer)[:max_tokens]
+        return ids, [IGNORE_INDEX, *ids[1:]]
     messages = example.prompt + [{"role": "assistant", "content": example.reference}]
-    ids, trained = conversation_ids_and_mask(messages, tokenizer, Location(example.source), control_ids)
+    if has_chat_template(tokenizer):
+        ids, trained = conversation_ids_and_mask(messages, tokenizer, Location(example.source), control_ids)
+    else:  # no template (a run trained on plain text): the raw prompt text, then the reply and EOS
+        prompt_ids = encode_text(tokenizer, render_prompt(tokenizer, example.prompt, use_chat_template=False))
+        reply_ids = list(tokenizer(example.reference, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        ids, trained = prompt_ids + reply_ids, [False] * len(prompt_ids) + [True] * len(reply_ids)
     last_target = max(i for i, is_target in enumerate(trained) if is_target)
     first_target = last_target
     while first_target > 0 and trained[first_target - 1]:
@@ -270,9 +278,18 @@ def evaluate_model(
     if not examples:
         raise TunelabError("no examples to evaluate")
     pattern = scoring.compile_answer_regex(answer_regex)
+    generated = [m for m in metrics if m in GENERATED]
+    text_example = next((ex for ex in examples if ex.plain_text), None)
+    if generated and text_example is not None:
+        raise TunelabError(
+            f"{text_example.source}: a plain-text record; {', '.join(generated)} need a prompt and a reference answer "
+            "to compare the generated one with.\n  fix: --metrics loss,perplexity for plain text, or evaluate on "
+            'question/answer, instruction/output or chat "messages" records (or --prompt-field/--response-field)'
+        )
     scores: dict[str, float | int | str | None] = {"examples": len(examples)}
     rows = [
-        {"source": ex.source, "prompt": ex.prompt[-1]["content"], "reference": ex.reference} for ex in examples
+        {"source": ex.source, "prompt": ex.prompt[-1]["content"] if ex.prompt else "", "reference": ex.reference}
+        for ex in examples
     ]
     if TEACHER_FORCED & set(metrics):
         stats = score_loss(model, tokenizer, examples, batch_size=batch_size)
@@ -489,14 +506,79 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_evaluation_settings(sources: Sequence[str | None]) -> dict:
+    """The `evaluation:` section of the first run folder among `sources` (its config.yaml), else {}.
+
+    `tunelab eval RUN` takes its defaults from there: metrics, batch_size, max_new_tokens,
+    answer_regex and limit, as the run's own post-training evaluation used them.
+    """
+    import yaml
+
+    for source in sources:
+        if source is None:
+            continue
+        path = Path(source).expanduser()
+        config_file = path / "config.yaml"
+        if is_run_dir(path) and config_file.is_file():
+            section = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("evaluation") or {}
+            keys = ("metrics", "batch_size", "max_new_tokens", "answer_regex", "limit")
+            return {key: section[key] for key in keys if key in section}
+    return {}
+
+
+def evaluate_after_training(
+    model: torch.nn.Module,
+    tokenizer,
+    run_dir: Path,
+    *,
+    metrics: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    answer_regex: str | None,
+    limit: int | None,
+    source: str | None,
+    split: str,
+    fmt: str,
+    fields: dict[str, str] | None,
+    prompt_format: str,
+    say=print,
+) -> EvalResult | None:
+    """The run's own evaluation once training is done: the configured `evaluation.metrics` on
+    the eval data, with the live model, saved under run_dir/eval/<data>/ and merged into eval.json.
+
+    Runs only when a generation metric (exact_match, rouge, bleu, accuracy) is asked for:
+    training already measured loss and perplexity on the eval set. Prompts are rendered as in
+    training (raw text for a run trained on plain text).
+    """
+    if not GENERATED & set(metrics) or source is None:
+        return None
+    import copy
+
+    examples = load_eval_examples(source, limit=limit, fmt=fmt, fields=fields, split=split)
+    if prompt_format == "text" and tokenizer.chat_template:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = None
+    model.eval()
+    result = evaluate_model(
+        model, tokenizer, examples, metrics=metrics, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        answer_regex=answer_regex,
+    )
+    result.scores.update(data=source, metrics=list(metrics), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         answer_regex=answer_regex)
+    folder = save_evaluation(run_dir, data_label(source), result)
+    shown = {k: round(v, 4) for k, v in result.scores.items() if k in METRICS and isinstance(v, float)}
+    say(f"[bold]evaluation[/] {shown} on {len(examples)} examples -> {folder}", highlight=False)
+    return result
+
+
 def evaluate_sources(
     sources: Sequence[str | None],
     data: str,
     *,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
     answer_regex: str | None = None,
     output: str | Path | None = None,
     dtype: str = "auto",
@@ -508,14 +590,29 @@ def evaluate_sources(
     """Evaluate each model/run on the same data, one after another, saving each one's files.
 
     Each model is loaded with `tunelab.models.load_for_inference` (the run's own tokenizer
-    and chat template), evaluated, written out and freed before the next one is loaded.
+    and chat template, or none for a run trained on plain text), evaluated, written out and
+    freed before the next one is loaded. Settings left None come from the first run's
+    `evaluation:` config section (`run_evaluation_settings`), else the built-in defaults;
+    default metrics skip the generation metrics on plain-text data (asked-for ones are an error).
     """
     from tunelab.console import console
     from tunelab.generate import load_for_generation
     from tunelab.models import count_parameters
 
+    run_settings = run_evaluation_settings(sources)
+    metrics_given = metrics is not None
+    metrics = list(metrics) if metrics is not None else list(run_settings.get("metrics", DEFAULT_METRICS))
+    limit = limit if limit is not None else run_settings.get("limit")
+    batch_size = batch_size if batch_size is not None else run_settings.get("batch_size", 8)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else run_settings.get("max_new_tokens", 256)
+    answer_regex = answer_regex if answer_regex is not None else run_settings.get("answer_regex")
     scoring.compile_answer_regex(answer_regex)  # fail before loading anything
     examples = load_eval_examples(data, limit=limit, fmt=fmt, fields=fields, split=split)
+    if not metrics_given and any(ex.plain_text for ex in examples) and GENERATED & set(metrics):
+        skipped = [m for m in metrics if m in GENERATED]
+        metrics = [m for m in metrics if m not in GENERATED] or ["loss", "perplexity"]
+        console.print(f"[yellow]plain-text data[/]: scoring {', '.join(metrics)}; {', '.join(skipped)} need prompt/answer "
+                      "records (question/answer, instruction/output or chat)", highlight=False)
     data_name = data_label(data)
     labels = unique_labels(sources)
     results = []

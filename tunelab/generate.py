@@ -248,17 +248,20 @@ def generate_completions(
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def load_for_generation(source: str | None, *, dtype: str = "auto", device: str | None = None):
+def load_for_generation(
+    source: str | None, *, dtype: str = "auto", device: str | None = None, chat_template: bool | None = None
+):
     """Load a run/model for inference (`tunelab.models.load_for_inference`), checking `dtype` first.
 
     `dtype` "auto" picks bf16 only where the hardware runs it fast (CUDA with bf16, CPUs
     with AMX/AVX512-BF16) and fp32 elsewhere: on CPUs without bf16 units it is many times slower.
+    `chat_template` None: as the run was trained (runs trained on plain text continue raw text).
     """
     from tunelab.models import load_for_inference
 
     if dtype not in DTYPES:
         raise TunelabError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return load_for_inference(source, dtype=dtype, device=device)
+    return load_for_inference(source, dtype=dtype, device=device, chat_template=chat_template)
 
 
 def generate_for_prompts(
@@ -281,7 +284,10 @@ def generate_for_prompts(
         encoded = [encode_prompt(tokenizer, user_messages(p, system)) for p in prompts]
     else:
         if system:
-            raise TunelabError("--system needs the chat template; drop --no-chat-template or --system")
+            raise TunelabError(
+                "--system needs a chat template, and this model is prompted with raw text (--no-chat-template, a run "
+                "trained on plain text, or a model without a template)\n  fix: drop --system"
+            )
         encoded = [encode_text(tokenizer, p) for p in prompts]
     completions = generate_completions(model, tokenizer, encoded, settings, batch_size=batch_size, seed=seed)
     return [

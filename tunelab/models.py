@@ -177,6 +177,17 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def access_fix(err: Exception) -> str:
+    """The fix for a hub repo that refuses access (gated or private), else ""."""
+    text = str(err).lower()
+    if "gated" in text or "401" in text or "403" in text or "access to model" in text:
+        return (
+            "\n  fix: this hub repo is gated or private: accept its license on its huggingface.co page, then give "
+            "a read token: `export HF_TOKEN=hf_...` (or `hf auth login`)"
+        )
+    return ""
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token if it has none.
 
@@ -189,7 +200,7 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise TunelabError(f"cannot load a tokenizer from '{source}': {err}") from None
+        raise TunelabError(f"cannot load a tokenizer from '{source}': {err}{access_fix(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -211,6 +222,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     _quiet_transformers()
+    attn_implementation = usable_attention(attn_implementation, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     if bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -227,12 +239,36 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise TunelabError(
-            f"cannot load model '{source}': {err}\n  fix: give a local model directory or .gguf file, "
-            "or a hub id on a machine with network access"
+            f"cannot load model '{source}': {err}"
+            + (access_fix(err) or "\n  fix: give a local model directory or .gguf file, or a hub id on a machine with network access")
         ) from None
     if bits is None and device is not None:
         model.to(device)
     return model
+
+
+def usable_attention(name: str, device: torch.device | str | None) -> str:
+    """`name`, or "sdpa" (with a printed note saying why and how to fix it) when flash_attention_2
+    cannot run here: it needs the flash-attn package and a CUDA GPU."""
+    if name != "flash_attention_2":
+        return name
+    from transformers.utils import is_flash_attn_2_available
+
+    device_type = torch.device(device).type if device is not None else "cpu"  # from_pretrained loads on the CPU
+    if device_type == "cuda" and is_flash_attn_2_available():
+        return name
+    from tunelab.console import console
+
+    why = (
+        "the flash-attn package is not installed" if device_type == "cuda"
+        else f"it runs only on CUDA GPUs and this model is on the {device_type}"
+    )
+    console.print(
+        f"[yellow]model.attn_implementation: flash_attention_2 is not usable ({why}); using sdpa instead.[/]\n"
+        "  fix: on a CUDA machine `pip install flash-attn --no-build-isolation`, or set model.attn_implementation: sdpa",
+        highlight=False,
+    )
+    return "sdpa"
 
 
 def add_lora(
@@ -306,10 +342,19 @@ def count_parameters(model) -> tuple[int, int]:
 # --- saved models and runs --------------------------------------------------------------------
 
 
-def write_model_meta(directory: Path, *, base_model: str | None, method: str) -> None:
-    """Record which base a saved adapter/model came from (as the user named it, not a cache path)."""
-    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method}
+def write_model_meta(directory: Path, *, base_model: str | None, method: str, prompt_format: str = "chat") -> None:
+    """Record which base a saved adapter/model came from (as the user named it, not a cache path)
+    and how it was prompted in training: "chat" (through the chat template) or "text" (raw text)."""
+    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method, "prompt_format": prompt_format}
     (directory / RUN_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def trained_prompt_format(weights_dir: Path | None) -> str:
+    """"text" for weights trained on plain text, else "chat" (also for models tunelab did not train)."""
+    meta_path = weights_dir / RUN_META_FILE if weights_dir is not None else None
+    if meta_path is None or not meta_path.is_file():
+        return "chat"
+    return json.loads(meta_path.read_text()).get("prompt_format", "chat")
 
 
 def resolve_weights_dir(source: str) -> Path | None:
@@ -345,12 +390,18 @@ def load_for_inference(
     device: str | None = None,
     trust_remote_code: bool = False,
     merge: bool = True,
+    chat_template: bool | None = None,
 ):
     """Load a run folder, checkpoint, adapter, model dir, .gguf, hub id, ONNX export or the bundled default.
 
     Returns (model, tokenizer) in eval mode. The tokenizer (and so the chat template) is
     the one saved with the run. LoRA adapters are merged into the base for faster
     generation unless `merge=False` or the base is quantized.
+
+    `chat_template` None follows how the weights were trained (`tunelab_model.json`): a run
+    trained on plain text gets its tokenizer without the chat template, so every prompt
+    (generate, chat, eval, the UI) continues raw text as training did. False drops the
+    template for any model; True keeps it.
     """
     if source not in (None, DEFAULT_MODEL):
         from tunelab.export.onnx_runtime import is_onnx_export, load_onnx_for_inference
@@ -383,6 +434,10 @@ def load_for_inference(
         model_source = str(weights_dir) if weights_dir is not None else resolve_model_source(source)
         tokenizer = load_tokenizer(model_source, trust_remote_code=trust_remote_code)
         model = load_base_model(model_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+    if chat_template is None:
+        chat_template = trained_prompt_format(weights_dir) == "chat"
+    if not chat_template:
+        tokenizer.chat_template = None
     model.eval()
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -175,13 +175,16 @@ def _comparable(config_yaml: str) -> dict:
     return data
 
 
-def save_model_files(model, tokenizer, directory: Path, *, base_model: str | None, method: str) -> None:
-    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template."""
+def save_model_files(
+    model, tokenizer, directory: Path, *, base_model: str | None, method: str, prompt_format: str = "chat"
+) -> None:
+    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template,
+    and how prompts were given in training (`prompt_format`: "chat" template or raw "text")."""
     from tunelab.models import write_model_meta
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    write_model_meta(directory, base_model=base_model, method=method)
+    write_model_meta(directory, base_model=base_model, method=method, prompt_format=prompt_format)
 
 
 def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None:
@@ -354,9 +357,21 @@ def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
     source = resolve_model_source(config.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
     added: list[str] = []
-    if not tokenizer.chat_template and config.data.format != "text":
+    if not tokenizer.chat_template and not trains_on_plain_text(config):
         added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
     return source, tokenizer, added
+
+
+def trains_on_plain_text(config: RunConfig) -> bool:
+    """True when every training record is plain text (format text, or detected as text): such a
+    run is not prompted through a chat template, so a base model must not get one added."""
+    from tunelab.data.pipeline import source_formats
+
+    d = config.data
+    if d.train is None:
+        return d.format == "text"
+    fields = d.fields.model_dump() if d.fields else None
+    return source_formats(d.train, fmt=d.format, fields=fields, split=d.split, hf_config=d.hf_config) == {"text"}
 
 
 def prepare_data(config: RunConfig, directory: Path):
@@ -498,6 +513,8 @@ def train(
         total_steps = sum(steps_in_epoch(e) for e in range(cfg_train.epochs))
     warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
     warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
+    # Recorded with the weights: inference continues raw text for text runs, uses the template otherwise.
+    prompt_format = "text" if all(example.format == "text" for example in data.train) else "chat"
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
@@ -531,9 +548,9 @@ def train(
                                     scaler=accelerator.scaler)
         say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
     if trackers:
-        accelerator.init_trackers(config.logging.project, config=json.loads(json.dumps(config.model_dump(mode="json"))))
+        accelerator.init_trackers(config.logging.project, config=tracker_config(config))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
-    all_eval_batches = data.eval_batches(cfg_train.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
+    all_eval_batches = data.eval_batches(config.evaluation.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
     has_eval = bool(all_eval_batches)  # the same on every process, even one whose share is empty
     eval_batches = all_eval_batches[rank::world]
     eval_every = cfg_train.eval_steps  # unset: at each epoch's end
@@ -543,7 +560,7 @@ def train(
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
-        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method)
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, prompt_format=prompt_format)
 
     def save_state() -> None:
         rng_states = gather_object([rng_state()])  # every rank's generators, by rank
@@ -676,7 +693,16 @@ def train(
             "num_processes": world,
         }
         write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
+        from tunelab.evaluate import evaluate_after_training
         from tunelab.report import write_report
+
+        ev = config.evaluation
+        evaluate_after_training(
+            model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            answer_regex=ev.answer_regex, limit=ev.limit, source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
+            split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
+            fields=cfg_data.fields.model_dump() if cfg_data.fields else None, prompt_format=prompt_format, say=say,
+        )
 
         write_report(run_dir)
     accelerator.wait_for_everyone()
@@ -724,6 +750,19 @@ def check_resumable(checkpoint: Path, *, num_processes: int, accum: int) -> None
                 f"data would mean other batches.\n  fix: resume with {flag} = {saved[key]}, or start the run again "
                 "with --overwrite"
             )
+
+
+def tracker_config(config: RunConfig) -> dict[str, int | float | str | bool]:
+    """The config as flat `section.key` scalars: TensorBoard's hparams take only int, float, str
+    and bool (a list or None there fails the run), and flat keys read better in every tracker."""
+
+    def flatten(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+        scalar = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        return {prefix.rstrip("."): scalar}
+
+    return flatten(config.model_dump(mode="json"), "")
 
 
 def check_trackers_installed(trackers: list[str]) -> None:

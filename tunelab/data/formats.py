@@ -150,6 +150,11 @@ def normalise(
     return examples
 
 
+def detect_file_formats(records: Sequence[Record]) -> set[str]:
+    """The formats detected in a set of records (each file's from its first records)."""
+    return set(_formats_by_file(records).values())
+
+
 def _formats_by_file(records: Sequence[Record]) -> dict[str, str]:
     """Detect each file's format from the field names of its first records."""
     fields_by_file: dict[str, set[str]] = {}

@@ -16,7 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.data.formats import FieldMap, normalise, remove_duplicates
+from tunelab.data.formats import FieldMap, detect_file_formats, normalise, remove_duplicates
 from tunelab.data.render import TokenizedExample, Truncation, filter_by_length, tokenize_examples
 from tunelab.data.sources import DataStats, TextSplit, read_source
 from tunelab.errors import TunelabError
@@ -73,6 +73,27 @@ def load_tokenized(
         if not tokenized:
             raise TunelabError(f"{source}: no examples left after the min_tokens={min_tokens} filter ({stats.filtered} filtered)")
     return tokenized, stats
+
+
+def source_formats(
+    source: str | Path,
+    *,
+    fmt: str = "auto",
+    fields: FieldMap | Mapping[str, str] | None = None,
+    split: str = "train",
+    hf_config: str | None = None,
+) -> set[str]:
+    """The formats a source's records are read as (one per file with fmt "auto"), without tokenizing.
+
+    Training asks this before it loads data, to know whether the run needs a chat template
+    at all: plain text does not, and a base model must not get one added for it.
+    """
+    if fields is not None or fmt == "custom":
+        return {"custom"}
+    if fmt != "auto":
+        return {fmt}
+    # Bad records are skipped here; the real read reports them with file:line.
+    return detect_file_formats(read_source(source, split=split, hf_config=hf_config, skip_invalid=True))
 
 
 def split_examples(items: Sequence[T], *, eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
