@@ -131,6 +131,8 @@ def normalise(
         raise TunelabError('format "custom" needs a field mapping: {"prompt": FIELD, "response": FIELD, "system": FIELD (optional)}')
 
     formats = _formats_by_file(records) if fmt == "auto" else {}
+    if fmt == "auto":  # only the records that will be read (`limit`: a preview of the first ones)
+        check_one_format_per_file(records if limit is None else records[:limit])
     examples = []
     for record in records:
         if limit is not None and len(examples) >= limit:
@@ -174,7 +176,6 @@ def _formats_by_file(records: Sequence[Record]) -> dict[str, str]:
                 '(custom: {"prompt": FIELD, "response": FIELD})'
             )
         formats[path] = detected
-    check_one_format_per_file(records)
     return formats
 
 
