@@ -110,11 +110,8 @@ class PlainProgress:
             return
         elapsed = now - task["started"]
         done, total = task["completed"], task["total"]
-        parts = [task["description"]]
-        if total:
-            parts.append(f"{done:g}/{total:g} ({100 * done / total:.0f}%)")
-        else:
-            parts.append(f"{done:g}")
+        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+        parts = [f"{task['description']} {count}"]
         parts += [str(value) for value in task["fields"].values() if value not in ("", None)]
         parts.append(f"elapsed {clock(elapsed)}")
         if total:

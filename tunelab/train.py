@@ -286,7 +286,7 @@ def any_process_max(value: int, accelerator: Accelerator) -> int:
 
 
 def check_finite(loss: float, grad_norm: float | None, *, step: int, total: int, learning_rate: float,
-                 fp16: bool, checkpoints_dir: Path) -> None:
+                 weight_decay: float, fp16: bool, checkpoints_dir: Path) -> None:
     """Stop a diverged run before its update: a NaN/inf loss or gradient norm only gets worse.
 
     Under fp16 an infinite gradient norm is the loss scaler's business (it skips that step and
@@ -305,7 +305,9 @@ def check_finite(loss: float, grad_norm: float | None, *, step: int, total: int,
         cause = ("the model itself: non-finite values before any update (broken weights, or a precision "
                  "too narrow for them: try training.precision=fp32)")
     else:
-        cause = (f"a learning rate too high for this model (training.learning_rate={learning_rate:g}); "
+        decay = (f" (with training.weight_decay={weight_decay:g}, learning rate x weight decay >= 1 grows "
+                 "the weights at every step)" if learning_rate * weight_decay >= 1 else "")
+        cause = (f"a learning rate too high for this model (training.learning_rate={learning_rate:g}){decay}; "
                  "also: too little warmup (training.warmup_steps) or no clipping (training.max_grad_norm)")
     last_checkpoint = latest_checkpoint(checkpoints_dir)
     kept = (f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint is not None
@@ -623,7 +625,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
                 if cfg_train.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm))
                 check_finite(global_loss, grad_norm, step=state.global_step + 1, total=total_steps,
-                             learning_rate=cfg_train.learning_rate, fp16=precision.mixed_precision == "fp16",
+                             learning_rate=cfg_train.learning_rate, weight_decay=cfg_train.weight_decay,
+                             fp16=precision.mixed_precision == "fp16",
                              checkpoints_dir=checkpoints_dir)
                 optimizer.step()
                 scheduler.step()
