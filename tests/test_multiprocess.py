@@ -142,3 +142,20 @@ def test_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
     assert json.loads((run_dir / "eval.json").read_text())["train_tokens"] == \
         json.loads((straight / "eval.json").read_text())["train_tokens"]
+
+
+def test_accelerate_launch_with_the_ddp_config_trains_like_one_process(tiny_model_dir, train_file, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml -m tunelab train ...` (2 CPU processes here)."""
+    args = overrides(tiny_model_dir, train_file, tmp_path / "accelerate", "training.max_steps=4")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port", "0", "-m", "tunelab", "train", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    run_dir = tmp_path / "accelerate"
+    assert json.loads((run_dir / "eval.json").read_text())["num_processes"] == 2
+    single = train(load_config(None, overrides(tiny_model_dir, train_file, tmp_path / "single", "training.batch_size=4",
+                                               "training.max_steps=4")), quiet=True)
+    one, two = adapter(single.run_dir), adapter(run_dir)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
