@@ -41,7 +41,7 @@ OverridesArg = Annotated[
 def _config_and_overrides(config_file: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
     """`tunelab train key=value ...` without a config file: the first override lands in CONFIG."""
     overrides = list(overrides or [])
-    if config_file is not None and "=" in config_file.name and not config_file.exists():
+    if config_file is not None and "=" in str(config_file) and not config_file.exists():  # `model.name=/a/b` too
         return None, [str(config_file), *overrides]
     return config_file, overrides
 
