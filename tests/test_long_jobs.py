@@ -240,3 +240,16 @@ def test_plain_progress_prints_reports_and_the_end_not_every_tick(capsys):
         "training 3/4 (75%)  loss 0.3333",
     ]
     assert lines[0].endswith("ETA 0:00:00")
+
+
+def test_fp16_divergence_names_the_overflow(tiny_model_dir, train_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = load_config(None, overrides(tiny_model_dir, train_file, run_dir, "training.precision=fp16",
+                                         "training.learning_rate=1", "training.weight_decay=100",
+                                         "training.lr_scheduler=constant", "training.save_steps=1", "training.max_steps=30"))
+    with pytest.raises(TunelabError) as info:
+        train(config, quiet=True)
+    message = str(info.value)
+    assert re.match(r"training diverged at step \d+/30: the loss is (nan|inf)", message), message
+    assert "likely cause: an fp16 overflow in the forward pass (training.precision=bf16 or fp32 avoids it)" in message
+    assert not (run_dir / "final").exists()
