@@ -3,6 +3,11 @@ file once, and a 2-process run stopped mid-way resumes to the same weights as an
 
 Every run is a real `torchrun --standalone --nproc_per_node 2 -m tunelab train` of the tiny model
 (fp32, LoRA dropout 0 so that the comparisons are exact up to float summation order).
+
+Dropout: the resume test uses lora.dropout=0 because checkpoints hold the main process's RNG
+state only; every process resumes with it, so with dropout > 0 the second process draws other
+masks than in the uninterrupted run (measured: adapters differ by up to 0.018 with dropout 0.1).
+Once RNG states are saved per process, the resume test should run with dropout > 0.
 """
 
 from __future__ import annotations
@@ -53,6 +58,28 @@ def torchrun(args: list[str]) -> subprocess.Popen:
                "-m", "tunelab", "train", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_launcher_and_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL the workers (torchrun starts them in sessions of their own) and the launcher: a crash."""
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    for worker in launcher.children(recursive=True):
+        worker.kill()
+    launcher.kill()
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 180.0) -> str:
+    """stderr up to the first line matching `pattern`."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if not line or re.match(pattern, line):
+            break
+    return "".join(seen)
 
 
 def finish(proc: subprocess.Popen) -> tuple[str, str]:
@@ -108,23 +135,19 @@ def test_two_processes_write_each_file_once(two_process_run):
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
 
 
-def test_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(
+def test_two_process_run_stopped_then_killed_resumes_to_the_uninterrupted_weights(
     two_process_run, tiny_model_dir, train_file, tmp_path
 ):
+    """SIGTERM (graceful: both processes stop at one step and checkpoint), resume, SIGKILL of the
+    launcher and both workers after the step-10 checkpoint (a crash), resume again to the end."""
     straight, _ = two_process_run
     run_dir = tmp_path / "stopped"
     args = overrides(tiny_model_dir, train_file, run_dir)
     proc = torchrun(args)
-    seen = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen.append(line)
-        if re.match(rf"training [3-9]/{STEPS} ", line) or not line:
-            break
+    seen = read_until(proc, rf"training [3-9]/{STEPS} ")
     proc.send_signal(signal.SIGTERM)  # as a scheduler would: the launcher forwards it to both workers
     _, err = proc.communicate(timeout=120)
-    err = "".join(seen) + err
+    err = seen + err
     stopped = re.search(rf"stopped by SIGTERM after step (\d+)/{STEPS}; checkpoint: (\S+)", err)
     assert stopped, err[-4000:]
     step = int(stopped[1])
@@ -134,8 +157,16 @@ def test_two_process_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{step}"]
     assert not (run_dir / "final").exists()
 
+    crashing = torchrun([*args, "training.resume=true"])
+    seen = read_until(crashing, rf"training 12/{STEPS} ")  # step 10's checkpoint is complete by then
+    kill_launcher_and_workers(crashing)
+    crashing.communicate(timeout=60)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{step}'}" in seen.replace("\n", "")
+    assert f"training 12/{STEPS} " in seen and not (run_dir / "final").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted([f"step-{step}", "step-10"])
+
     out, err = finish(torchrun([*args, "training.resume=true"]))
-    assert f"resumed from {run_dir / 'checkpoints' / f'step-{step}'}" in err.replace("\n", "")
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-10'} (step 10" in err.replace("\n", "")
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
     a, b = adapter(straight), adapter(run_dir)
     for key in a:
