@@ -145,3 +145,15 @@ def test_cli_show_prints_resolved_config(tmp_path):
     data = yaml.safe_load(result.stdout)
     assert data["training"]["learning_rate"] == 5e-5 and data["lora"]["r"] == 4
     assert data["training"]["batch_size"] == 4
+
+
+def test_first_override_may_hold_a_path(tmp_path):
+    """`tunelab config show model.name=/some/dir ...`: an override whose value is a path is not a config file."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    result = CliRunner().invoke(app, ["config", "show", f"model.name={tmp_path / 'model'}", "lora.r=4"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["model"]["name"] == str(tmp_path / "model") and shown["lora"]["r"] == 4

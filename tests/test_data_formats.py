@@ -232,3 +232,19 @@ def test_remove_duplicates_keeps_the_first_and_counts(tmp_path):
     kept = remove_duplicates(examples, stats=stats)
     assert [e.source.line for e in kept] == [1, 3]
     assert stats.duplicates_removed == 2
+
+
+def test_a_file_mixing_formats_names_both_and_suggests_data_format(tmp_path):
+    path = jsonl(tmp_path / "mixed.jsonl", [
+        {"instruction": "Say hi", "output": "hi"},
+        {"instruction": "Say yo", "input": "", "output": "yo"},
+        {"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "hello"}]},
+    ])
+    with pytest.raises(DataError) as info:
+        examples_of(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: mixes data formats: alpaca from line 1, chat from line 3.")
+    assert 'line 1 (alpaca): {"instruction": "Say hi", "output": "hi"}' in message
+    assert 'line 3 (chat): {"messages": [{"role": "user", "content": "hey"}' in message
+    assert "data.format" in message
+    assert len(examples_of(path, fmt="alpaca", skip_invalid=True)) == 2  # the suggested fix reads the alpaca lines

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TrainingInterrupted, TunelabError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -41,7 +41,7 @@ OverridesArg = Annotated[
 def _config_and_overrides(config_file: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
     """`tunelab train key=value ...` without a config file: the first override lands in CONFIG."""
     overrides = list(overrides or [])
-    if config_file is not None and "=" in config_file.name and not config_file.exists():
+    if config_file is not None and "=" in str(config_file) and not config_file.exists():  # `model.name=/a/b` too
         return None, [str(config_file), *overrides]
     return config_file, overrides
 
@@ -491,6 +491,10 @@ def main() -> None:
         exit_code = app(standalone_mode=False)
         if isinstance(exit_code, int) and exit_code != 0:
             sys.exit(exit_code)
+    except TrainingInterrupted as stop:  # a requested stop, checkpoint written: not an error
+        if int(os.environ.get("RANK", "0")) == 0:
+            err_console.print(Text(str(stop), style="yellow"), highlight=False, soft_wrap=True)
+        sys.exit(stop.exit_code)
     except TunelabError as err:
         # Text, not markup: messages quote user values such as "[q_proj]" verbatim.
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)

@@ -37,3 +37,17 @@ class DataError(TunelabError):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(where + message)
+
+
+class TrainingInterrupted(TunelabError):
+    """Training stopped on request (Ctrl-C / SIGTERM) after writing a checkpoint to resume from.
+
+    Not a mistake, but the run is unfinished: the CLI prints the message (where the
+    checkpoint is, the command that resumes) and exits with the shell's code for the
+    signal, 128 + signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

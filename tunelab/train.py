@@ -29,6 +29,7 @@ from accelerate.utils import gather_object, set_seed
 
 from tunelab.allocator import keep_freed_memory
 from tunelab.checkpoint import (
+    STATE_FILE,
     TrainState,
     latest_checkpoint,
     load_training_state,
@@ -38,10 +39,11 @@ from tunelab.checkpoint import (
 )
 from tunelab.config import RunConfig, config_to_yaml
 from tunelab.console import console
-from tunelab.errors import TunelabError
+from tunelab.errors import TrainingInterrupted, TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
 from tunelab.loss import IGNORE_INDEX, TargetTokenLoss, head_matches_model
+from tunelab.stopping import StopRequest, resume_command
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -313,6 +315,107 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+# --- surviving long jobs: signals, divergence, failed writes ------------------------------------
+
+
+def any_process_max(value: int, accelerator: Accelerator) -> int:
+    """The largest of every process's value (all processes must call it at the same point)."""
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor(value, device=accelerator.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def check_finite(loss: float, grad_norm: float | None, *, step: int, total: int, learning_rate: float,
+                 weight_decay: float, fp16: bool, checkpoints_dir: Path) -> None:
+    """Stop a diverged run before its update: a NaN/inf loss or gradient norm only gets worse.
+
+    Under fp16 an infinite gradient norm is the loss scaler's business (it skips that step and
+    lowers the scale), so only the loss is checked there. Nothing is written after the
+    divergence: the newest checkpoint is the last good state.
+    """
+    bad = [f"the loss is {loss}"] if not math.isfinite(loss) else []
+    if grad_norm is not None and not math.isfinite(grad_norm) and not fp16:
+        bad.append(f"the gradient norm is {grad_norm}")
+    if not bad:
+        return
+    if fp16:
+        cause = ("an fp16 overflow in the forward pass (training.precision=bf16 or fp32 avoids it), "
+                 f"or a learning rate too high (training.learning_rate={learning_rate:g})")
+    elif step == 1:
+        cause = ("the model itself: non-finite values before any update (broken weights, or a precision "
+                 "too narrow for them: try training.precision=fp32)")
+    else:
+        decay = (f" (with training.weight_decay={weight_decay:g}, learning rate x weight decay >= 1 grows "
+                 "the weights at every step)" if learning_rate * weight_decay >= 1 else "")
+        cause = (f"a learning rate too high for this model (training.learning_rate={learning_rate:g}){decay}; "
+                 "also: too little warmup (training.warmup_steps) or no clipping (training.max_grad_norm)")
+    last_checkpoint = latest_checkpoint(checkpoints_dir)
+    kept = (f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint is not None
+            else "no checkpoint had been written yet (training.save_steps saves more often)")
+    raise TunelabError(
+        f"training diverged at step {step}/{total}: {' and '.join(bad)}; stopped before applying that update.\n"
+        f"  likely cause: {cause}\n  {kept}\n"
+        "  fix: lower training.learning_rate (or warm up longer) and train again (--overwrite)"
+    )
+
+
+def write_failure(what: str, error: OSError, *, kept: Path | None, resume: str) -> TunelabError:
+    """One clear message for a failed write (disk full, no permission) that says what survived."""
+    import errno
+
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+               errno.EROFS: "the file system is read-only"}
+    reason = reasons.get(error.errno, "the write failed")
+    intact = f"the previous checkpoint {kept} is intact" if kept is not None else "no earlier checkpoint exists"
+    return TunelabError(
+        f"could not write {what}: {reason} ({error}).\n"
+        f"  {intact}; the partial write was removed.\n"
+        f"  fix: free disk space or fix the folder's permissions, then resume: {resume}"
+    )
+
+
+def write_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, **save_args) -> None:
+    """`save_checkpoint` on the main process, with every process told whether it worked.
+
+    A failed write (OSError: disk full, permissions) leaves the earlier checkpoints as they
+    were (the new one is written to a temporary directory first) and raises one clear error
+    on every process, instead of a traceback on one while the others wait forever.
+    """
+    error: OSError | None = None
+    kept = latest_checkpoint(checkpoints_dir)
+    rng_states = gather_object([rng_state()])  # every rank's generators, by rank
+    if accelerator.is_main_process:
+        try:
+            save_checkpoint(checkpoints_dir, rng_states=rng_states, **save_args)
+        except OSError as err:
+            error = err
+    if any_process_max(int(error is not None), accelerator):  # also the barrier after the save
+        what = f"checkpoint step-{save_args['state'].global_step} in {checkpoints_dir}"
+        if error is None:
+            raise TunelabError(f"the main process could not write {what}; see its message")
+        raise write_failure(what, error, kept=kept, resume=resume_command(accelerator.num_processes))
+
+
+def stop_on_signal(signum: int, accelerator: Accelerator, checkpoints_dir: Path, *, saved_now: bool,
+                   total_steps: int, **save_args) -> None:
+    """After a Ctrl-C / SIGTERM: checkpoint this step (unless the schedule just did), then stop."""
+    import signal
+
+    step = save_args["state"].global_step
+    if not saved_now:
+        write_checkpoint(accelerator, checkpoints_dir, **save_args)
+    accelerator.end_training()
+    raise TrainingInterrupted(
+        f"stopped by {signal.Signals(signum).name} after step {step}/{total_steps}; "
+        f"checkpoint: {checkpoints_dir / f'step-{step}'}\n"
+        f"  resume: {resume_command(accelerator.num_processes)}",
+        signum,
+    )
+
+
 # --- the recipe -------------------------------------------------------------------------------
 
 
@@ -562,14 +665,6 @@ def train(
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
         save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, prompt_format=prompt_format)
 
-    def save_state() -> None:
-        rng_states = gather_object([rng_state()])  # every rank's generators, by rank
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoints_dir, save_weights=save_weights, optimizer=optimizer, scheduler=scheduler,
-                            state=state, keep=cfg_train.keep_checkpoints, rng_states=rng_states,
-                            scaler=accelerator.scaler)
-        accelerator.wait_for_everyone()
-
     say(
         f"[bold]plan[/] {total_steps} steps (epoch 1: {steps_per_epoch} steps); "
         f"{world} process(es) x batch {cfg_train.batch_size} x accumulation {accum}; warmup {warmup}; "
@@ -590,9 +685,9 @@ def train(
     run_start = time.perf_counter()
     tokens_this_run = 0
     stop = False
-    bar = progress(TextColumn("{task.fields[info]}"))
+    bar = progress(TextColumn("{task.fields[info]}"), plain_every=0)  # not a terminal: a line per logging step
     bar.disable = quiet or not accelerator.is_main_process
-    with bar:
+    with bar, StopRequest(announce=accelerator.is_main_process) as stop_request:
         task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
         if has_eval and state.global_step == 0:  # the baseline every later eval is compared with
             initial = evaluate_loss(loss_module, eval_batches, accelerator)
@@ -608,6 +703,10 @@ def train(
                 if cfg_train.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm)
                     grad_norm = float(norm) if norm is not None else None  # DeepSpeed clips inside its step
+                check_finite(global_loss, grad_norm, step=state.global_step + 1, total=total_steps,
+                             learning_rate=cfg_train.learning_rate, weight_decay=cfg_train.weight_decay,
+                             fp16=precision.mixed_precision == "fp16",
+                             checkpoints_dir=checkpoints_dir)
                 optimizer_step(optimizer, scheduler, accelerator)
                 state.global_step += 1
                 state.batch_index += accum
@@ -631,7 +730,7 @@ def train(
                     }
                     metrics.log(record)
                     history.append(record)
-                    bar.update(task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
+                    bar.update(task, completed=state.global_step, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
                     window_loss = window_tokens = 0.0
                     window_start = time.perf_counter()
                 bar.update(task, completed=state.global_step)
@@ -659,9 +758,17 @@ def train(
                 if epoch_end and not stop and state.global_step < total_steps:
                     state.epoch += 1  # counted before saving: a resume starts the next epoch
                     state.batch_index = 0
+                save_args = dict(save_weights=save_weights, optimizer=optimizer, scheduler=scheduler, state=state,
+                                 keep=cfg_train.keep_checkpoints, scaler=accelerator.scaler)
                 due = state.global_step % save_every == 0 or (epoch_end and not cfg_train.save_steps)
-                if due and state.global_step < total_steps and not stop:
-                    save_state()
+                saved_now = due and state.global_step < total_steps and not stop
+                if saved_now:
+                    write_checkpoint(accelerator, checkpoints_dir, **save_args)
+                unfinished = state.global_step < total_steps and not stop
+                signum = any_process_max(stop_request.signum or 0, accelerator) if unfinished else 0
+                if signum:  # Ctrl-C / SIGTERM on any process: all stop at this same step
+                    stop_on_signal(signum, accelerator, checkpoints_dir, saved_now=saved_now, total_steps=total_steps,
+                                   **save_args)
                 if stop or state.batch_index == 0:
                     break
             if not stop and state.global_step < total_steps and state.batch_index + accum > len(my_batches):

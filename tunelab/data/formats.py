@@ -131,6 +131,8 @@ def normalise(
         raise TunelabError('format "custom" needs a field mapping: {"prompt": FIELD, "response": FIELD, "system": FIELD (optional)}')
 
     formats = _formats_by_file(records) if fmt == "auto" else {}
+    if fmt == "auto":  # only the records that will be read (`limit`: a preview of the first ones)
+        check_one_format_per_file(records if limit is None else records[:limit])
     examples = []
     for record in records:
         if limit is not None and len(examples) >= limit:
@@ -180,6 +182,45 @@ def _formats_by_file(records: Sequence[Record]) -> dict[str, str]:
             )
         formats[path] = detected
     return formats
+
+
+def check_one_format_per_file(records: Sequence[Record]) -> None:
+    """Refuse a file whose records follow different formats (an alpaca line, then a chat line).
+
+    Detection from the union of a file's fields would pick one format and then report
+    every line of the other as broken; naming both formats and where each starts says
+    what is really wrong. Each record is classified on its own (a set lookup, cheap).
+    """
+    first_of: dict[str, dict[str, Record]] = {}  # path -> format -> its first record
+    for record in records:
+        detected = detect_format(key for key, value in record.data.items() if value is not None)
+        if detected is None:
+            continue  # reported later as a bad record, at its own line
+        seen = first_of.setdefault(record.source.path, {})
+        if detected not in seen:
+            seen[detected] = record
+            if len(seen) > 1:
+                (fmt_a, first_a), (fmt_b, first_b) = list(seen.items())[:2]
+                raise DataError(
+                    f"mixes data formats: {fmt_a} from line {_where(first_a)}, {fmt_b} from line {_where(first_b)}.\n"
+                    f"    line {_where(first_a)} ({fmt_a}): {_preview(first_a.data)}\n"
+                    f"    line {_where(first_b)} ({fmt_b}): {_preview(first_b.data)}\n"
+                    f"  fix: keep one format per file (split it into two files), or set data.format (--format) "
+                    f"to the format every record follows, e.g. data.format={fmt_a}",
+                    path=record.source.path,
+                )
+
+
+def _where(record: Record) -> str:
+    """The record's line (or dataset index) for messages."""
+    where = record.source
+    return str(where.line) if where.line is not None else f"index {where.index}"
+
+
+def _preview(data: dict[str, Any], width: int = 100) -> str:
+    """The record as one JSON line, cut to `width` characters."""
+    text = json.dumps(data, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _normalise_record(record: Record, fmt: str, field_map: FieldMap | None, system_prompt: str | None) -> Example:
