@@ -21,6 +21,7 @@ from tunelab.errors import ConfigError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Method = Literal["lora", "dora", "qlora", "full"]
+Task = Literal["causal_lm", "classification"]
 
 
 class Section(BaseModel):
@@ -66,6 +67,18 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     skip_invalid: bool = Field(False, description="Skip bad records (and report how many) instead of failing.")
     prepared: str | None = Field(None, description="Directory from `tunelab data prepare`, reused when it still matches.")
+
+
+class ClassificationConfig(Section):
+    """task: classification: which record fields hold the text, the optional second text and the label.
+
+    Unset fields are detected from the data (text / sentence / content ..., sentence1 + sentence2,
+    premise + hypothesis ..., label / class / category ...).
+    """
+
+    text_field: str | None = Field(None, description="Field holding the text to classify; unset = detected.")
+    text_pair_field: str | None = Field(None, description="Field holding a second text (pair tasks); unset = detected.")
+    label_field: str | None = Field(None, description="Field holding the label (a string or an integer); unset = detected.")
 
 
 class LoraSettings(Section):
@@ -139,8 +152,10 @@ class LoggingConfig(Section):
 class RunConfig(Section):
     """A whole fine-tuning run."""
 
+    task: Task = Field("causal_lm", description="causal_lm (generate replies) or classification (text -> label).")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    classification: ClassificationConfig = ClassificationConfig()
     method: Method = "lora"
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationConfig = QuantizationConfig()
@@ -160,7 +175,25 @@ class RunConfig(Section):
             raise ValueError("method: full cannot train a quantized base; remove quantization.bits or use qlora")
         if self.data.format == "custom" and self.data.fields is None:
             raise ValueError("data.format: custom needs data.fields (prompt, response, optional system)")
+        if self.task == "classification":
+            _check_classification_data(self.data)
         return self
+
+
+def _check_classification_data(data: DataConfig) -> None:
+    """Data keys that shape chat rendering or token packing, which a classifier does not use."""
+    if data.format != "auto" or data.fields is not None:
+        raise ValueError(
+            "task: classification reads a text and a label per record, not a chat format; "
+            "remove data.format / data.fields and set classification.text_field / label_field if needed"
+        )
+    if data.packing:
+        raise ValueError("task: classification batches hold one text per row; set data.packing: false")
+    if data.prepared is not None:
+        raise ValueError(
+            "task: classification tokenizes its texts at the start of the run (data prepare stores chat-rendered "
+            "token ids); remove data.prepared"
+        )
 
 
 # Abbreviations people type, mapped to the real key, to sharpen the did-you-mean hints.

@@ -129,6 +129,11 @@ class TargetTokenLoss(torch.nn.Module):
         self.model = model
         self.transform = logits_transform(unwrap_peft(model).config)
 
+    @staticmethod
+    def count_targets(batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens in a batch (positions 1.. whose label is not ignored), known before the forward pass."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -244,8 +244,12 @@ def add_lora(
     use_dora: bool = False,
     quantized: bool = False,
     gradient_checkpointing: bool = False,
+    task_type: str = "CAUSAL_LM",
 ):
     """Wrap a base model with LoRA (or DoRA) adapters; the base stays frozen.
+
+    `task_type` SEQ_CLS (a classifier) also trains and saves the new head in full
+    (PEFT's `modules_to_save`: `classifier` / `score`).
 
     Adapter weights are kept in fp32 even when the base is bf16 (peft's
     `autocast_adapter_dtype`), so small updates are not rounded away.
@@ -262,7 +266,7 @@ def add_lora(
         target_modules=target_modules,
         use_dora=use_dora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)
@@ -301,9 +305,10 @@ def count_parameters(model) -> tuple[int, int]:
 # --- saved models and runs --------------------------------------------------------------------
 
 
-def write_model_meta(directory: Path, *, base_model: str | None, method: str) -> None:
-    """Record which base a saved adapter/model came from (as the user named it, not a cache path)."""
-    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method}
+def write_model_meta(directory: Path, *, base_model: str | None, method: str, extra: dict | None = None) -> None:
+    """Record which base a saved adapter/model came from (as the user named it, not a cache path),
+    plus task facts inference needs (`extra`, e.g. {"task": "classification", "labels": [...]})."""
+    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method, **(extra or {})}
     (directory / RUN_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

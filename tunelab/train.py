@@ -39,7 +39,8 @@ from tunelab.console import console
 from tunelab.errors import TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
-from tunelab.loss import IGNORE_INDEX, TargetTokenLoss
+from tunelab.loss import IGNORE_INDEX
+from tunelab.tasks import task_module
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -154,13 +155,16 @@ def _comparable(config_yaml: str) -> dict:
     return data
 
 
-def save_model_files(model, tokenizer, directory: Path, *, base_model: str | None, method: str) -> None:
-    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template."""
+def save_model_files(
+    model, tokenizer, directory: Path, *, base_model: str | None, method: str, meta: dict | None = None
+) -> None:
+    """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template,
+    and the task's own facts (`meta`, e.g. a classifier's labels) in tunelab_model.json."""
     from tunelab.models import write_model_meta
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    write_model_meta(directory, base_model=base_model, method=method)
+    write_model_meta(directory, base_model=base_model, method=method, extra=meta)
 
 
 def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None:
@@ -242,7 +246,8 @@ def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Te
 
 
 def accumulate_gradients(
-    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator
+    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
+    count_targets=count_targets,
 ) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens), all processes.
 
@@ -307,15 +312,16 @@ def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
 
     The template is saved with the run (final/ tokenizer), so inference renders prompts
     exactly as training did. A tokenizer without one gets `data.chat_template` (default
-    chatml); new special tokens mean the embeddings must be resized.
+    chatml); new special tokens mean the embeddings must be resized. A classifier renders
+    no chat, so its tokenizer is left as it is.
     """
     from tunelab.data.render import set_chat_template
-    from tunelab.models import load_tokenizer, resolve_model_source
+    from tunelab.models import load_tokenizer
 
-    source = resolve_model_source(config.model.name)
+    source = task_module(config.task).resolve_source(config.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
     added: list[str] = []
-    if not tokenizer.chat_template and config.data.format != "text":
+    if not tokenizer.chat_template and config.data.format != "text" and config.task == "causal_lm":
         added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
     return source, tokenizer, added
 
@@ -325,6 +331,8 @@ def prepare_data(config: RunConfig, directory: Path):
     from tunelab.data.dataset import build_datasets
     from tunelab.data.prepared import data_fingerprint, save_prepared
 
+    if config.task != "causal_lm":
+        raise TunelabError(f"task: {config.task} tokenizes its data at the start of each run; data prepare is for task: causal_lm")
     _, tokenizer, _ = load_run_tokenizer(config)
     args = dataset_arguments(config)
     data = build_datasets(tokenizer=tokenizer, **args)
@@ -337,6 +345,8 @@ def load_training_data(config: RunConfig, tokenizer, say=console.print):
     from tunelab.data.dataset import build_datasets
     from tunelab.data.prepared import data_fingerprint, load_prepared
 
+    if config.task != "causal_lm":  # the task reads and tokenizes its own kind of records
+        return task_module(config.task).build_data(config, tokenizer)
     args = dataset_arguments(config)
     if config.data.prepared:
         data, why_not = load_prepared(Path(config.data.prepared), data_fingerprint(args, tokenizer), tokenizer.pad_token_id)
@@ -354,7 +364,7 @@ def run_name(config: RunConfig, config_path: str | None) -> str:
 
 def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = False) -> TrainResult:
     """Fine-tune as the config says and write the run folder. Returns where and how it went."""
-    from tunelab.models import add_lora, count_parameters, freeze_parameters, load_base_model
+    from tunelab.models import add_lora, count_parameters, freeze_parameters
 
     # ---- setup: unpack the config -----------------------------------------------------------
     cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
@@ -384,9 +394,13 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
 
     # ---- model --------------------------------------------------------------------------------
     source, tokenizer, added_tokens = load_run_tokenizer(config)
+    task_impl = task_module(config.task)  # what differs per task: model head, batches, loss, metrics
+    data = load_training_data(config, tokenizer, say)  # before the model: a classifier's head size is its label count
     quant = config.quantization
-    model = load_base_model(
+    model = task_impl.load_model(
         source,
+        data=data,
+        tokenizer=tokenizer,
         dtype=precision.weights,
         bits=quant.bits,
         quant_type=quant.quant_type,
@@ -411,6 +425,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             use_dora=method == "dora",
             quantized=quant.bits is not None,
             gradient_checkpointing=cfg_train.gradient_checkpointing,
+            task_type=task_impl.PEFT_TASK_TYPE,
         )
         # Plain LoRA layers run as one autograd function (same numbers, fewer memory passes).
         fuse_lora_layers(model)
@@ -427,7 +442,6 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     )
 
     # ---- data ---------------------------------------------------------------------------------
-    data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
@@ -448,7 +462,8 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
     warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
 
     # ---- optimizer, schedule, state -------------------------------------------------------------
-    loss_module = TargetTokenLoss(model)
+    loss_module = task_impl.loss_module(model)
+    count_step_targets = loss_module.count_targets  # the task says what a target is (token, example, pair)
     optimizer = build_optimizer(
         model,
         name=cfg_train.optimizer,
@@ -479,7 +494,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
-        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method)
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, meta=task_impl.run_meta(data))
 
     say(
         f"[bold]plan[/] {total_steps} steps = {epochs} epoch(s) x {steps_per_epoch} steps; "
@@ -518,7 +533,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             my_batches = plan[accelerator.process_index : micro_per_process * world : world]
             while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
                 micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
-                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator)
+                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator, count_step_targets)
                 grad_norm = None
                 if cfg_train.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm))
@@ -603,6 +618,7 @@ def train(config: RunConfig, *, config_path: str | None = None, quiet: bool = Fa
             "device": str(accelerator.device),
             "num_processes": world,
         }
+        eval_record.update(task_impl.final_scores(model, data, device=accelerator.device, batch_size=cfg_train.batch_size))
         write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
         from tunelab.report import write_report
 
