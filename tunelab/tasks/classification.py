@@ -142,6 +142,8 @@ def load_classifier(
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     keep_head_in_fp32(model)
+    if bits == 4:
+        keep_4bit_weights_trainable(model)
     if bits is None and device is not None:
         model.to(device)
     return model
@@ -157,6 +159,20 @@ def keep_head_in_fp32(model: torch.nn.Module) -> None:
         if isinstance(head, torch.nn.Module) and any(p.dtype != torch.float32 for p in head.parameters()):
             head.float()
             head.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference when the loop evaluates.
+
+    On CPUs with AVX512-BF16, a Linear4bit in eval mode converts its weight to an
+    inference-only layout; the next training step through a layer with a bias (BERT has
+    them everywhere) then fails inside bitsandbytes ("a view of a leaf Variable ... in-place").
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
@@ -237,6 +253,8 @@ def detect_fields(
 
 def label_name(value: Any, where: Location, field_name: str) -> str:
     """A label as text: strings as they are (stripped), integers as decimals; anything else is an error."""
+    if value is None:
+        raise where.error(f'label field "{field_name}" is missing; every training and eval record needs a label')
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise where.error(f'label field "{field_name}" must be a string or an integer, got {value!r}')
     text = str(value).strip()
