@@ -350,6 +350,8 @@ def test_cli_synth_validate_train_eval_predict(tiny_bert_dir, tmp_path, monkeypa
         _tunelab("eval", "runs/cls", "--data", "odd.jsonl")
     with pytest.raises(TunelabError, match="not a classifier run"):
         _tunelab("predict", str(tiny_bert_dir), "--input", "inputs.csv")
+    with pytest.raises(TunelabError, match="is a classifier"):  # generate / chat need a language model
+        _tunelab("generate", "runs/cls", "-p", "hello")
 
 
 def test_cli_turns_a_classification_data_error_into_one_message(tmp_path):

@@ -355,6 +355,12 @@ def load_for_inference(
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, torch_device)
     weights_dir = resolve_weights_dir(source) if source not in (None, DEFAULT_MODEL) else None
+    meta_file = weights_dir / RUN_META_FILE if weights_dir is not None else None
+    if meta_file is not None and meta_file.is_file() and json.loads(meta_file.read_text()).get("task") == "classification":
+        raise TunelabError(
+            f"'{source}' is a classifier (task: classification), not a language model\n"
+            "  fix: use `tunelab predict` / `tunelab eval`, or tunelab.tasks.classification.load_classifier_run"
+        )
     if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
