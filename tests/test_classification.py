@@ -366,14 +366,14 @@ def test_cli_turns_a_classification_data_error_into_one_message(tmp_path):
 def test_classification_benchmark_script_runs_both_frameworks(tiny_bert_dir, tmp_path):
     out = tmp_path / "c1.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_classify.py"), "--model", str(tiny_bert_dir),
-                           "--train", "32", "--test", "16", "--epochs", "1", "--json", str(out)],
+                           "--train", "64", "--test", "16", "--epochs", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "C1: 32 tickets x 1 epochs" in proc.stdout and "vs Trainer" in proc.stdout
+    assert "C1: 64 tickets x 1 epochs" in proc.stdout and "vs Trainer" in proc.stdout
     results = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
     assert results.keys() == {"tunelab", "trainer"}
     for result in results.values():
-        assert result["examples"] == 32 and result["examples_per_s"] > 0 and result["peak_rss_mb"] > 100
+        assert result["examples"] == 64 and result["examples_per_s"] > 0 and result["peak_rss_mb"] > 100
         assert 0 <= result["accuracy"] <= 1 and result["majority_baseline"] == results["trainer"]["majority_baseline"]
 
 
