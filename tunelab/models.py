@@ -280,8 +280,12 @@ def add_lora(
     target_modules: list[str] | str = "all-linear",
     use_dora: bool = False,
     trainable_token_ids: list[int] | None = None,
+    task_type: str = "CAUSAL_LM",
 ):
     """Wrap a base model with LoRA (or DoRA) adapters; the base stays frozen.
+
+    `task_type` SEQ_CLS (a classifier) also trains and saves the new head in full
+    (PEFT's `modules_to_save`: `classifier` / `score`).
 
     Adapter weights are kept in fp32 even when the base is bf16 (peft's
     `autocast_adapter_dtype`), so small updates are not rounded away. A 4-bit base
@@ -302,7 +306,7 @@ def add_lora(
         target_modules=target_modules,
         use_dora=use_dora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         trainable_token_indices=trainable_token_ids or None,
     )
     try:
@@ -342,10 +346,13 @@ def count_parameters(model) -> tuple[int, int]:
 # --- saved models and runs --------------------------------------------------------------------
 
 
-def write_model_meta(directory: Path, *, base_model: str | None, method: str, prompt_format: str = "chat") -> None:
-    """Record which base a saved adapter/model came from (as the user named it, not a cache path)
-    and how it was prompted in training: "chat" (through the chat template) or "text" (raw text)."""
-    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method, "prompt_format": prompt_format}
+def write_model_meta(
+    directory: Path, *, base_model: str | None, method: str, extra: dict | None = None
+) -> None:
+    """Record which base a saved adapter/model came from (as the user named it, not a cache path),
+    plus the task's facts inference needs (`extra`: {"prompt_format": "chat" | "text"} for a causal
+    LM, {"task": "classification", "labels": [...]} for a classifier)."""
+    meta = {"base_model": base_model if base_model is not None else DEFAULT_MODEL, "method": method, **(extra or {})}
     (directory / RUN_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -411,6 +418,12 @@ def load_for_inference(
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, torch_device)
     weights_dir = resolve_weights_dir(source) if source not in (None, DEFAULT_MODEL) else None
+    meta_file = weights_dir / RUN_META_FILE if weights_dir is not None else None
+    if meta_file is not None and meta_file.is_file() and json.loads(meta_file.read_text()).get("task") == "classification":
+        raise TunelabError(
+            f"'{source}' is a classifier (task: classification), not a language model\n"
+            "  fix: use `tunelab predict` / `tunelab eval`, or tunelab.tasks.classification.load_classifier_run"
+        )
     if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 

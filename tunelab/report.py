@@ -42,6 +42,7 @@ SCORE_COLUMNS = (
     ("perplexity", "perplexity", "{:.3f}"),
     ("exact_match", "exact match", "{:.1%}"),
     ("accuracy", "accuracy", "{:.1%}"),
+    ("macro_f1", "macro F1", "{:.3f}"),
     ("rouge1", "ROUGE-1", "{:.4f}"),
     ("rouge2", "ROUGE-2", "{:.4f}"),
     ("rougeL", "ROUGE-L", "{:.4f}"),
@@ -326,6 +327,65 @@ def samples_section(run_dir: Path) -> str:
     return "".join(parts) or "<p class=note>No predictions yet (run <code>tunelab eval</code> on this run).</p>"
 
 
+def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str) -> str:
+    """A confusion-matrix heatmap (rows: true label, columns: predicted) with counts, as base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    size = max(3.6, 0.7 * len(labels) + 2.0)
+    figure = Figure(figsize=(size + 1.0, size), dpi=100)
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    top = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            axes.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def classification_section(summary: dict, scores_by_data: dict[str, dict]) -> str:
+    """Per-class precision / recall / F1 and a confusion heatmap for each classifier evaluation:
+    the trainer's (eval.json "classification") and each `tunelab eval` data set's."""
+    found = []
+    if isinstance(summary.get("classification"), dict):
+        found.append(("eval split at the end of training", summary["classification"]))
+    found += [(name, scores) for name, scores in scores_by_data.items() if "confusion_matrix" in scores]
+    parts = []
+    for name, scores in found:
+        labels, matrix, per_class = scores.get("labels"), scores.get("confusion_matrix"), scores.get("per_class")
+        if not (isinstance(labels, list) and isinstance(matrix, list) and isinstance(per_class, dict)):
+            continue
+        head = "<tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        rows = "".join(
+            f"<tr><td>{html.escape(str(label))}</td>"
+            + "".join(f'<td class="num">{format_value(per_class[label][k], "{:.3f}")}</td>' for k in ("precision", "recall", "f1"))
+            + f'<td class="num">{per_class[label]["support"]}</td></tr>'
+            for label in labels if label in per_class
+        )
+        summary_line = (
+            f"accuracy {format_value(scores.get('accuracy'), '{:.1%}')}, macro F1 {format_value(scores.get('macro_f1'), '{:.3f}')}, "
+            f"majority class {format_value(scores.get('majority_baseline'), '{:.1%}')}"
+        )
+        image = confusion_png(matrix, labels, f"Confusion matrix: {name}")
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><p>{html.escape(summary_line)}</p><div class=plots>"
+            f"<figure><img alt=\"confusion matrix {html.escape(name)}\" src=\"data:image/png;base64,{image}\"></figure>"
+            f'<table class="scores">{head}{rows}</table></div>'
+        )
+    return "<h2>Classification</h2>" + "".join(parts) if parts else ""
+
+
 def render_report(run_dir: Path) -> str:
     """The whole report as one HTML string."""
     records, bad_lines = read_metrics(run_dir / "metrics.jsonl")
@@ -340,7 +400,7 @@ def render_report(run_dir: Path) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
         f"<h2>Training curves</h2>{plots_section(records)}"
         f"<h2>Training summary and timings</h2>{training_summary(records, summary, bad_lines)}"
-        f"<h2>Evaluation</h2>{evaluation}"
+        f"<h2>Evaluation</h2>{evaluation}{classification_section(summary, scores_by_data)}"
         f"<h2>Samples</h2>{samples_section(run_dir)}"
         f"<h2>Hardware</h2>{hardware_section(summary, scores_by_data)}"
         f"<h2>Config</h2>{config_section(run_dir)}"

@@ -44,6 +44,7 @@ from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
 from tunelab.loss import IGNORE_INDEX, TargetTokenLoss, head_matches_model
 from tunelab.stopping import StopRequest, resume_command
+from tunelab.tasks import task_module
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -178,15 +179,22 @@ def _comparable(config_yaml: str) -> dict:
 
 
 def save_model_files(
-    model, tokenizer, directory: Path, *, base_model: str | None, method: str, prompt_format: str = "chat"
+    model,
+    tokenizer,
+    directory: Path,
+    *,
+    base_model: str | None,
+    method: str,
+    meta: dict | None = None,
 ) -> None:
     """Everything inference needs: adapter or full weights (safetensors), tokenizer + chat template,
-    and how prompts were given in training (`prompt_format`: "chat" template or raw "text")."""
+    and the task's own facts (`meta`: a causal LM's prompt format, a classifier's labels) in
+    tunelab_model.json."""
     from tunelab.models import write_model_meta
 
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    write_model_meta(directory, base_model=base_model, method=method, prompt_format=prompt_format)
+    write_model_meta(directory, base_model=base_model, method=method, extra=meta)
 
 
 def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None:
@@ -277,7 +285,8 @@ def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Te
 
 
 def accumulate_gradients(
-    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator
+    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
+    count_targets=count_targets,
 ) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens), all processes.
 
@@ -452,15 +461,16 @@ def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
 
     The template is saved with the run (final/ tokenizer), so inference renders prompts
     exactly as training did. A tokenizer without one gets `data.chat_template` (default
-    chatml); new special tokens mean the embeddings must be resized.
+    chatml); new special tokens mean the embeddings must be resized. A classifier renders
+    no chat, so its tokenizer is left as it is.
     """
     from tunelab.data.render import set_chat_template
-    from tunelab.models import load_tokenizer, resolve_model_source
+    from tunelab.models import load_tokenizer
 
-    source = resolve_model_source(config.model.name)
+    source = task_module(config.task).resolve_source(config.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
     added: list[str] = []
-    if not tokenizer.chat_template and not trains_on_plain_text(config):
+    if not tokenizer.chat_template and not trains_on_plain_text(config) and config.task == "causal_lm":
         added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
     return source, tokenizer, added
 
@@ -482,6 +492,8 @@ def prepare_data(config: RunConfig, directory: Path):
     from tunelab.data.dataset import build_datasets
     from tunelab.data.prepared import data_fingerprint, save_prepared
 
+    if config.task != "causal_lm":
+        raise TunelabError(f"task: {config.task} tokenizes its data at the start of each run; data prepare is for task: causal_lm")
     _, tokenizer, _ = load_run_tokenizer(config)
     args = dataset_arguments(config)
     data = build_datasets(tokenizer=tokenizer, **args)
@@ -494,6 +506,8 @@ def load_training_data(config: RunConfig, tokenizer, say=console.print):
     from tunelab.data.dataset import build_datasets
     from tunelab.data.prepared import data_fingerprint, load_prepared
 
+    if config.task != "causal_lm":  # the task reads and tokenizes its own kind of records
+        return task_module(config.task).build_data(config, tokenizer)
     args = dataset_arguments(config)
     if config.data.prepared:
         data, why_not = load_prepared(Path(config.data.prepared), data_fingerprint(args, tokenizer), tokenizer.pad_token_id)
@@ -522,7 +536,7 @@ def train(
     step-0 baseline); HPO uses it to report to the pruner. An exception it raises stops the
     run there and propagates (the run folder keeps what was written so far, no final/).
     """
-    from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters, load_base_model
+    from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters
 
     # ---- setup: unpack the config -----------------------------------------------------------
     cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
@@ -552,9 +566,13 @@ def train(
 
     # ---- model --------------------------------------------------------------------------------
     source, tokenizer, added_tokens = load_run_tokenizer(config)
+    task_impl = task_module(config.task)  # what differs per task: model head, batches, loss, metrics
+    data = load_training_data(config, tokenizer, say)  # before the model: a classifier's head size is its label count
     quant = config.quantization
-    model = load_base_model(
+    model = task_impl.load_model(
         source,
+        data=data,
+        tokenizer=tokenizer,
         dtype=precision.weights,
         bits=quant.bits,
         quant_type=quant.quant_type,
@@ -578,6 +596,7 @@ def train(
             target_modules=config.lora.target_modules,
             use_dora=method == "dora",
             trainable_token_ids=tokenizer.convert_tokens_to_ids(added_tokens),
+            task_type=task_impl.PEFT_TASK_TYPE,
         )
         # Plain LoRA layers run as one autograd function (same numbers, fewer memory passes).
         fuse_lora_layers(model)
@@ -593,7 +612,6 @@ def train(
     )
 
     # ---- data ---------------------------------------------------------------------------------
-    data = load_training_data(config, tokenizer, say)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     accum = cfg_train.gradient_accumulation_steps
@@ -616,18 +634,19 @@ def train(
         total_steps = sum(steps_in_epoch(e) for e in range(cfg_train.epochs))
     warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
     warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
-    # Recorded with the weights: inference continues raw text for text runs, uses the template otherwise.
-    prompt_format = "text" if all(example.format == "text" for example in data.train) else "chat"
+    run_meta = task_impl.run_meta(data)  # saved with the weights: prompt format (causal LM), labels (classifier)
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
 
     # ---- optimizer, schedule, state -------------------------------------------------------------
-    loss_module = TargetTokenLoss(model)
-    probe = data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing)
-    if not head_matches_model(loss_module, _to_device(probe, accelerator.device)):
-        loss_module.use_model_logits = True
-        say("[yellow]note[/]: this model transforms its logits; the loss takes its full logits (more memory)")
+    loss_module = task_impl.loss_module(model)
+    count_step_targets = loss_module.count_targets  # the task says what a target is (token, example, pair)
+    if isinstance(loss_module, TargetTokenLoss):
+        probe = data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing)
+        if not head_matches_model(loss_module, _to_device(probe, accelerator.device)):
+            loss_module.use_model_logits = True
+            say("[yellow]note[/]: this model transforms its logits; the loss takes its full logits (more memory)")
     optimizer = build_optimizer(
         model,
         name=cfg_train.optimizer,
@@ -663,7 +682,7 @@ def train(
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
-        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, prompt_format=prompt_format)
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, meta=run_meta)
 
     say(
         f"[bold]plan[/] {total_steps} steps (epoch 1: {steps_per_epoch} steps); "
@@ -698,7 +717,7 @@ def train(
             my_batches = epoch_batches(state.epoch)
             while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
                 micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
-                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator)
+                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator, count_step_targets)
                 grad_norm = None
                 if cfg_train.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm)
@@ -799,17 +818,20 @@ def train(
             "device": str(accelerator.device),
             "num_processes": world,
         }
+        eval_record.update(task_impl.final_scores(model, data, device=accelerator.device, batch_size=cfg_train.batch_size))
         write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
         from tunelab.evaluate import evaluate_after_training
         from tunelab.report import write_report
 
         ev = config.evaluation
-        evaluate_after_training(
-            model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            answer_regex=ev.answer_regex, limit=ev.limit, source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
-            split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
-            fields=cfg_data.fields.model_dump() if cfg_data.fields else None, prompt_format=prompt_format, say=say,
-        )
+        if config.task == "causal_lm":  # generation metrics; a classifier's scores came from final_scores
+            evaluate_after_training(
+                model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size,
+                max_new_tokens=ev.max_new_tokens, answer_regex=ev.answer_regex, limit=ev.limit,
+                source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
+                split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
+                fields=cfg_data.fields.model_dump() if cfg_data.fields else None, prompt_format=run_meta["prompt_format"], say=say,
+            )
 
         write_report(run_dir)
     accelerator.wait_for_everyone()

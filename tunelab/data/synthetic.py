@@ -26,7 +26,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-KINDS = ("reasoning", "text", "chat")
+KINDS = ("reasoning", "text", "chat", "classification")
 DEFAULT_DIFFICULTY = 2
 # Records are only shown a progress bar from this many on; smaller files take well under a second.
 PROGRESS_THRESHOLD = 5000
@@ -497,6 +497,75 @@ def chat_records(n: int, seed: int = 0, max_turns: int = 3) -> list[dict[str, li
 
 
 # ---------------------------------------------------------------------------------------
+# Labelled texts for classification: support tickets routed to a team
+# ---------------------------------------------------------------------------------------
+
+# Each team has its own vocabulary; a ticket's label is the team whose words it uses. The
+# classes are deliberately unbalanced (billing is the majority class, 35%).
+TICKET_LABELS = ("billing", "shipping", "technical", "account")
+TICKET_WEIGHTS = (0.35, 0.25, 0.25, 0.15)
+TICKET_TOPICS = {
+    "billing": ["invoice", "refund", "charge on my card", "payment", "bill", "receipt", "subscription fee",
+                "double charge", "discount code", "price", "VAT number", "direct debit"],
+    "shipping": ["package", "delivery", "courier", "tracking number", "parcel", "shipment", "address label",
+                 "customs form", "delivery date", "warehouse", "damaged box", "carrier"],
+    "technical": ["app", "login page", "error message", "crash", "bug", "latest update", "browser plugin",
+                  "server", "blank screen", "sync", "website", "loading spinner"],
+    "account": ["username", "profile", "email address", "account settings", "two-factor code", "membership",
+                "display name", "newsletter", "phone number", "privacy settings", "sign-up", "account deletion"],
+}
+TICKET_OPENERS = ["", "Hi, ", "Hello team, ", "Good morning, ", "Hey, ", "Dear support, ", "Quick question: "]
+TICKET_PROBLEMS = [
+    "I have a problem with the {t}.", "something is wrong with my {t}.", "can you check the {t}?",
+    "there is an issue with the {t}.", "I need help with the {t}.", "the {t} looks wrong to me.",
+    "what happened to my {t}?", "I am confused about the {t}.",
+]
+TICKET_DETAILS = [
+    "It also concerns the {t}.", "The {t} is affected too.", "Same story with the {t}.", "And the {t} as well.",
+    "This started with the {t}.", "Please look at the {t} too.",
+]
+TICKET_FILLERS = ["since yesterday", "for order 4512", "again", "after last week", "twice now", "for the second time",
+                  "on my phone", "this morning"]
+# Difficulty 2 adds a word of another team in a sentence that rules it out, so single
+# words do not decide the label; the rule (the team named without "not") still does.
+TICKET_DISTRACTORS = ["The {t} is fine, though.", "This is not about the {t}.", "No problem with the {t}.",
+                      "The {t} has nothing to do with it."]
+CLASSIFICATION_DIFFICULTIES = (1, 2)
+
+
+def _ticket_record(rng: random.Random, difficulty: int) -> dict[str, str]:
+    """One ticket: an opener, a problem with a word of its team, a detail with another of its words
+    (60%), a filler (50%), and at difficulty 2 a ruled-out word of another team (35%)."""
+    label = rng.choices(TICKET_LABELS, weights=TICKET_WEIGHTS)[0]
+    words = rng.sample(TICKET_TOPICS[label], 2)
+    problem = rng.choice(TICKET_PROBLEMS).format(t=words[0])
+    if rng.random() < 0.5:
+        problem = problem[:-1] + f" {rng.choice(TICKET_FILLERS)}" + problem[-1]
+    opener = rng.choice(TICKET_OPENERS)
+    sentences = [opener + (problem if opener else problem[0].upper() + problem[1:])]
+    if rng.random() < 0.6:
+        sentences.append(rng.choice(TICKET_DETAILS).format(t=words[1]))
+    if difficulty >= 2 and rng.random() < 0.35:
+        other = rng.choice([name for name in TICKET_LABELS if name != label])
+        sentences.insert(rng.randint(1, len(sentences)), rng.choice(TICKET_DISTRACTORS).format(t=rng.choice(TICKET_TOPICS[other])))
+    return {"text": " ".join(sentences), "label": label}
+
+
+def iter_classification_records(seed: int = 0, difficulty: int = 2) -> Iterator[dict[str, str]]:
+    """An endless stream of distinct {"text", "label"} support tickets (4 unbalanced classes)."""
+    if difficulty not in CLASSIFICATION_DIFFICULTIES:
+        raise TunelabError(f"--difficulty for --kind classification is 1 (keywords only) or 2 (with ruled-out words), got {difficulty}")
+    rng = random.Random(seed)
+    return _distinct((_ticket_record(rng, difficulty) for _ in itertools.count()), key=lambda record: record["text"])
+
+
+def classification_records(n: int, seed: int = 0, difficulty: int = 2) -> list[dict[str, str]]:
+    """`n` distinct labelled tickets {"text": ..., "label": billing | shipping | technical | account}."""
+    _check_count(n, "n")
+    return list(itertools.islice(iter_classification_records(seed, difficulty), n))
+
+
+# ---------------------------------------------------------------------------------------
 # Writing files
 # ---------------------------------------------------------------------------------------
 
@@ -522,6 +591,8 @@ def iter_records(kind: str, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY)
         return iter_reasoning_problems(seed, difficulty)
     if kind == "text":
         return iter_text_records(seed)
+    if kind == "classification":
+        return iter_classification_records(seed, difficulty)
     return iter_chat_records(seed)
 
 
@@ -590,11 +661,13 @@ def synthesize_files(
     """
     check_kind(kind)
     _check_count(n, "-n")
-    if difficulty is not None and kind != "reasoning":
-        raise TunelabError(f"--difficulty applies only to --kind reasoning (got --kind {kind})\n  fix: drop --difficulty")
+    if difficulty is not None and kind not in ("reasoning", "classification"):
+        raise TunelabError(f"--difficulty applies only to --kind reasoning and classification (got --kind {kind})\n  fix: drop --difficulty")
     level = DEFAULT_DIFFICULTY if difficulty is None else difficulty
     if kind == "reasoning":
         check_difficulty(level)
+    if kind == "classification" and level not in CLASSIFICATION_DIFFICULTIES:
+        raise TunelabError(f"--difficulty for --kind classification is 1 (keywords only) or 2 (default: with ruled-out words), got {level}")
     output = Path(output)
     _check_output_path(output, overwrite)
     if test_output is not None:

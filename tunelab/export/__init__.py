@@ -59,7 +59,7 @@ def merge_model(source: str, out: str | Path | None = None, *, dtype: str = "aut
     directory and its export.json contents.
     """
     from tunelab.export import folder, hf
-    from tunelab.export.merge import describe_source, load_source, resolve_merge_dtype
+    from tunelab.export.merge import describe_source, resolve_merge_dtype
 
     from tunelab.console import console
 
@@ -68,7 +68,7 @@ def merge_model(source: str, out: str | Path | None = None, *, dtype: str = "aut
         out = run / "merged" if run is not None else Path(f"{_name(source)}-merged")
     out = Path(out)
     folder.check_destination(out, overwrite=overwrite, needed_bytes=0)
-    loaded = load_source(source)
+    loaded = _load(source)
     target = resolve_merge_dtype(dtype, loaded)
     folder.check_destination(out, overwrite=overwrite, needed_bytes=_parameter_bytes(loaded.model, torch.finfo(target).bits // 8))
     if loaded.method == "qlora":
@@ -76,19 +76,27 @@ def merge_model(source: str, out: str | Path | None = None, *, dtype: str = "aut
                       highlight=False)
     from tunelab.console import status
 
+    from tunelab.export import classifier
+
+    is_classifier = loaded.task == "classification"
     with folder.building(out) as tmp:
         with status(f"Writing the merged model ({hf.DTYPE_NAMES[target]}) to {out}"):
-            hf.write_merged(loaded, tmp, target)
-        numbers = hf.verify_directory(loaded, tmp, target)
+            (classifier.write_merged if is_classifier else hf.write_merged)(loaded, tmp, target)
+        if is_classifier:
+            numbers = classifier.verify_directory(loaded, tmp, hf.DTYPE_NAMES[target])
+        else:
+            numbers = hf.verify_directory(loaded, tmp, target)
         info = {
-            "format": "hf", "source": describe_source(loaded), "dtype": hf.DTYPE_NAMES[target],
+            "format": "hf", "task": loaded.task, "source": describe_source(loaded), "dtype": hf.DTYPE_NAMES[target],
             "parameters": sum(p.numel() for p in loaded.model.parameters()), "verification": numbers,
         }
         from tunelab import __version__
         from tunelab.export.verify import format_numbers
 
-        readme = hf.README.format(name=_name(source), dtype=hf.DTYPE_NAMES[target], source=source, version=__version__,
-                                  path=out, numbers=format_numbers(numbers))
+        readme = (classifier.README if is_classifier else hf.README).format(
+            name=_name(source), dtype=hf.DTYPE_NAMES[target], source=source, version=__version__, path=out,
+            numbers=format_numbers(numbers), labels=", ".join(numbers.get("labels", [])),
+        )
         info = folder.finish(tmp, out, info=info, readme=readme)
     return out, info
 
@@ -120,6 +128,12 @@ def export_model(
         raise TunelabError(f"--quantize is for gguf ({', '.join(gguf_format.TYPES)}) and onnx (int8), not --format {fmt}")
     if adapter_only and fmt != "hf":
         raise TunelabError("--adapter-only goes with --format hf")
+    from tunelab.tasks.classification import is_classifier
+
+    if is_classifier(source):
+        from tunelab.export.classifier import check_format
+
+        check_format(source, fmt)
     label = fmt + (f"-{quantize}" if quantize and not (fmt == "gguf" and quantize == "f16") else "")
     out = Path(out) if out is not None else default_output(source, label)
     if fmt == "hf" and not adapter_only:
@@ -159,19 +173,40 @@ def export_model(
 def _export_adapter(source: str, out: Path, *, overwrite: bool) -> tuple[Path, dict]:
     from tunelab import __version__
     from tunelab.export import folder, hf
-    from tunelab.export.merge import describe_source, load_source
+    from tunelab.export.merge import describe_source
 
     folder.check_destination(out, overwrite=overwrite, needed_bytes=64 << 20)
-    loaded = load_source(source)
+    loaded = _load(source)
     if loaded.kind != "adapter":
         raise TunelabError(f"--adapter-only needs a LoRA/DoRA run or adapter; {source} is a full model")
+    from tunelab.export import classifier
+
+    template = classifier.ADAPTER_README if loaded.task == "classification" else hf.ADAPTER_README
     with folder.building(out) as tmp:
         hf.copy_adapter(loaded, tmp)
-        info = {"format": "hf-adapter", "source": describe_source(loaded), "verification": loaded.merge_check}
-        readme = hf.ADAPTER_README.format(name=_name(source), method=loaded.method, source=source, version=__version__,
-                                          base=loaded.base_model, path=out)
+        info = {"format": "hf-adapter", "task": loaded.task, "source": describe_source(loaded), "verification": loaded.merge_check}
+        readme = template.format(name=_name(source), method=loaded.method, source=source, version=__version__,
+                                 base=_trained_base_path(loaded), path=out,
+                                 labels=list(loaded.model.config.id2label.values()))
         info = folder.finish(tmp, out, info=info, readme=readme)
     return out, info
+
+
+def _trained_base_path(loaded) -> str:
+    """The base as the adapter was trained on it (a directory or hub id), which plain peft can load."""
+    import json
+
+    config = json.loads((loaded.weights_dir / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path") or loaded.base_model
+
+
+def _load(source: str):
+    """Any source as one merged fp32 model (`export.merge.Source`); classifier runs by their own loader."""
+    from tunelab.export.classifier import load_classifier_source
+    from tunelab.export.merge import load_source
+    from tunelab.tasks.classification import is_classifier
+
+    return load_classifier_source(source) if is_classifier(source) else load_source(source)
 
 
 def _save_runtime_files(loaded, directory: Path) -> None:

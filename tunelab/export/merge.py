@@ -42,6 +42,7 @@ class Source:
     prompts: list[list[int]] = field(default_factory=list)  # verification prompt ids
     reference_logits: list[torch.Tensor] = field(default_factory=list)  # fp32 logits of the source as trained
     merge_check: dict | None = None  # adapter-on-base vs merged numbers
+    task: str = "causal_lm"  # or "classification" (tunelab.export.classifier)
 
 
 def _run_config_for(weights_dir: Path | None) -> Path | None:

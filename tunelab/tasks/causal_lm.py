@@ -1,0 +1,43 @@
+"""Causal-LM fine-tuning (the default task): chat-rendered data, target-token loss, perplexity.
+
+The parts live where they always have (tunelab/data, tunelab/loss.py, tunelab/evaluate.py);
+this module gives them the task interface described in `tunelab/tasks/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.loss import TargetTokenLoss
+
+PEFT_TASK_TYPE = "CAUSAL_LM"
+
+
+def resolve_source(name: str | None) -> str:
+    """None / "default" -> the bundled SmolLM2-135M-Instruct; else as `resolve_model_source`."""
+    from tunelab.models import resolve_model_source
+
+    return resolve_model_source(name)
+
+
+def load_model(source: str, *, data, tokenizer, **loading) -> torch.nn.Module:  # noqa: ARG001 (same signature for every task)
+    """The causal LM (`loading` are `load_base_model`'s keyword arguments)."""
+    from tunelab.models import load_base_model
+
+    return load_base_model(source, **loading)
+
+
+def loss_module(model: torch.nn.Module) -> TargetTokenLoss:
+    return TargetTokenLoss(model)
+
+
+def run_meta(data) -> dict:
+    """How prompts were given in training: inference continues raw text for a plain-text run
+    ("text"), and renders the saved chat template otherwise ("chat")."""
+    plain_text = all(example.format == "text" for example in data.train)
+    return {"prompt_format": "text" if plain_text else "chat"}
+
+
+def final_scores(model, data, *, device, batch_size: int) -> dict:  # noqa: ARG001
+    """Nothing beyond the loop's eval loss and perplexity; generation metrics are `tunelab eval`'s."""
+    return {}
