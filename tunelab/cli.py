@@ -118,7 +118,8 @@ def train(
         return
     console.print(
         f"[green]done[/] {result.state.global_step} steps in {result.seconds:.0f}s "
-        f"({result.tokens_per_second:.0f} target tokens/s); final train loss {result.train_loss}, "
+        f"({result.tokens_per_second:.0f} {'examples' if config.task == 'classification' else 'target tokens'}/s); "
+        f"final train loss {result.train_loss}, "
         f"eval loss {result.eval_loss}; run folder: {result.run_dir}",
         highlight=False,
     )
