@@ -427,6 +427,18 @@ def test_merged_classifier_loads_in_plain_transformers_with_the_runs_predictions
     assert not (tmp_path / "onnx").exists()
 
 
+def test_ui_lists_a_classifier_run_with_its_scores_but_not_as_a_chat_model(tiny_bert_dir, ticket_files, tmp_path):
+    from tunelab.ui.core import Workspace, model_choices, run_rows
+
+    train_file, eval_file = ticket_files
+    train(cls_config(tiny_bert_dir, train_file, eval_file, tmp_path / "runs" / "tickets", "training.max_steps=2"), quiet=True)
+    accuracy = json.loads((tmp_path / "runs" / "tickets" / "eval.json").read_text())["accuracy"]
+    workspace = Workspace(tmp_path / "runs")
+    assert [value for _, value in model_choices(workspace)] == ["default"]
+    [row] = run_rows(workspace)
+    assert row[:3] == ["tickets", "done", "lora"] and row[-1].startswith(f"eval split: accuracy {accuracy:.1%}, macro F1 ")
+
+
 def test_classification_benchmark_script_runs_both_frameworks(tiny_bert_dir, tmp_path):
     out = tmp_path / "c1.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_classify.py"), "--model", str(tiny_bert_dir),

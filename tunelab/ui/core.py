@@ -199,10 +199,13 @@ class ModelCache:
 
 
 def model_choices(workspace: Workspace) -> list[tuple[str, str]]:
-    """(label, value) pairs: the bundled model, then every finished run (with final/)."""
+    """(label, value) pairs: the bundled model, then every finished language-model run (with
+    final/); classifier runs do not chat, they are listed under Runs only."""
+    from tunelab.tasks.classification import is_classifier
+
     choices = [("default (bundled SmolLM2-135M-Instruct)", DEFAULT_SOURCE)]
     for run in run_folders(workspace.runs_dir):
-        if (run / "final").is_dir():
+        if (run / "final").is_dir() and not is_classifier(str(run)):
             choices.append((f"run: {run.name}", str(run)))
     return choices
 
@@ -276,8 +279,10 @@ def run_folders(runs_dir: Path) -> list[Path]:
     return sorted(runs, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)
 
 
-def _score_text(scores_by_data: dict[str, dict]) -> str:
+def _score_text(scores_by_data: dict[str, dict], summary: dict) -> str:
     parts = []
+    if isinstance(summary.get("classification"), dict):  # a classifier run: its eval split, scored at the end
+        parts.append(f"eval split: accuracy {summary['accuracy']:.1%}, macro F1 {summary['macro_f1']:.3f}")
     for name, scores in scores_by_data.items():
         for key in ("exact_match", "accuracy"):
             if isinstance(scores.get(key), (int, float)):
@@ -319,7 +324,7 @@ def run_rows(workspace: Workspace, active: str | None = None) -> list[list]:
             train[-1]["step"] if train else 0,
             summary.get("train_loss", train[-1]["loss"] if train else None),
             summary.get("eval_loss", evals[-1]["eval_loss"] if evals else None),
-            _score_text(evaluation_scores(run, summary)),
+            _score_text(evaluation_scores(run, summary), summary),
         ])
     return rows
 
