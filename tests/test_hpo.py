@@ -179,6 +179,17 @@ def test_diverging_learning_rate_is_pruned_and_failing_trials_do_not_stop_the_st
     assert study.best_trial.params["training.learning_rate"] != 1.0
 
 
+def test_hyperband_pruner_study_finishes_and_keeps_the_diverging_rate_out_of_best(workdir):
+    space = write_space(workdir, "training.learning_rate: [0.004, 0.006, 1.0]\n")
+    study = run_study(plan(workdir, space, sampler="grid", pruner="hyperband"))
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner)
+    State = optuna.trial.TrialState
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state in (State.COMPLETE, State.PRUNED) for t in trials)
+    assert all(sorted(t.intermediate_values) == [2, 4] for t in trials if t.state == State.COMPLETE)
+    assert study.best_trial.params["training.learning_rate"] != 1.0
+
+
 def test_generation_metric_is_maximised_and_saved_with_the_trial(workdir):
     (workdir / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(4, seed=9)))
     space = write_space(workdir, "lora.r: [2, 4]\n")
