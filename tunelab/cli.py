@@ -97,6 +97,7 @@ def train(
 ) -> None:
     """Fine-tune a model and write the run folder (config, final weights, checkpoints, metrics)."""
     from tunelab.config import load_config
+    from tunelab.tasks import task_module
     from tunelab.train import train as run_training
 
     config_file, overrides = _config_and_overrides(config_file, overrides)
@@ -118,7 +119,7 @@ def train(
         return
     console.print(
         f"[green]done[/] {result.state.global_step} steps in {result.seconds:.0f}s "
-        f"({result.tokens_per_second:.0f} {'examples' if config.task == 'classification' else 'target tokens'}/s); "
+        f"({result.tokens_per_second:.0f} {task_module(config.task).TARGETS}/s); "
         f"final train loss {result.train_loss}, "
         f"eval loss {result.eval_loss}; run folder: {result.run_dir}",
         highlight=False,

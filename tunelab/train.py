@@ -635,11 +635,6 @@ def train(
     warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
     warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
     run_meta = task_impl.run_meta(data)  # saved with the weights: prompt format (causal LM), labels (classifier)
-    # A causal LM's targets are tokens (perplexity means something); a classifier's are examples.
-    rate_unit = "tok/s" if config.task == "causal_lm" else "examples/s"
-
-    def perplexity_text(loss: float) -> str:
-        return f"  perplexity {math.exp(min(loss, 50)):.3f}" if config.task == "causal_lm" else ""
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
@@ -717,7 +712,7 @@ def train(
             initial = evaluate_loss(loss_module, eval_batches, accelerator)
             metrics.log({"step": 0, "eval_loss": round(initial, 6), "eval_ppl": round(math.exp(min(initial, 50)), 4)})
             history.append({"step": 0, "eval_loss": initial})
-            say(f"  step 0: eval loss {initial:.4f}{perplexity_text(initial)}", highlight=False)
+            say(f"  step 0: {task_impl.describe_eval_loss(initial)}", highlight=False)
         while state.global_step < total_steps and not stop:
             my_batches = epoch_batches(state.epoch)
             while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
@@ -754,7 +749,7 @@ def train(
                     }
                     metrics.log(record)
                     history.append(record)
-                    bar.update(task, completed=state.global_step, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} {rate_unit}")
+                    bar.update(task, completed=state.global_step, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} {task_impl.RATE_UNIT}")
                     window_loss = window_tokens = 0.0
                     window_start = time.perf_counter()
                 bar.update(task, completed=state.global_step)
@@ -766,7 +761,7 @@ def train(
                               "eval_ppl": round(math.exp(min(last_eval, 50)), 4)}
                     metrics.log(record)
                     history.append(record)
-                    say(f"  step {state.global_step}: eval loss {last_eval:.4f}{perplexity_text(last_eval)}", highlight=False)
+                    say(f"  step {state.global_step}: {task_impl.describe_eval_loss(last_eval)}", highlight=False)
                     if on_eval is not None:
                         on_eval(state.global_step, last_eval)
                     if state.best_eval_loss is None or last_eval < state.best_eval_loss:
@@ -829,14 +824,13 @@ def train(
         from tunelab.report import write_report
 
         ev = config.evaluation
-        if config.task == "causal_lm":  # generation metrics; a classifier's scores came from final_scores
-            evaluate_after_training(
-                model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size,
-                max_new_tokens=ev.max_new_tokens, answer_regex=ev.answer_regex, limit=ev.limit,
-                source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
-                split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
-                fields=cfg_data.fields.model_dump() if cfg_data.fields else None, prompt_format=run_meta["prompt_format"], say=say,
-            )
+        evaluate_after_training(  # generation metrics, when evaluation.metrics asks for some (causal LM only)
+            model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            answer_regex=ev.answer_regex, limit=ev.limit, source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
+            split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
+            fields=cfg_data.fields.model_dump() if cfg_data.fields else None,
+            prompt_format=run_meta.get("prompt_format", "chat"), say=say,
+        )
 
         write_report(run_dir)
     accelerator.wait_for_everyone()

