@@ -439,6 +439,36 @@ def test_ui_lists_a_classifier_run_with_its_scores_but_not_as_a_chat_model(tiny_
     assert row[:3] == ["tickets", "done", "lora"] and row[-1].startswith(f"eval split: accuracy {accuracy:.1%}, macro F1 ")
 
 
+def test_hpo_on_a_classifier_maximises_eval_split_accuracy(tiny_bert_dir, ticket_files, tmp_path):
+    import yaml
+
+    from tunelab.hpo import plan_study, run_study
+
+    train_file, eval_file = ticket_files
+    base = {"task": "classification", "model": {"name": str(tiny_bert_dir)},
+            "data": {"train": str(train_file), "eval": str(eval_file), "max_seq_length": 64},
+            "method": "full", "training": {"batch_size": 16, "max_steps": 40, "eval_steps": 20, "warmup_steps": 0,
+                                           "precision": "fp32"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "space.yaml").write_text("training.learning_rate: [1.0e-6, 5.0e-3]\n")
+
+    def plan(metric: str):
+        return plan_study(tmp_path / "base.yaml", [f"output.dir={tmp_path / 'runs'}"], space_path=tmp_path / "space.yaml",
+                          n_trials=None, timeout_s=None, study_name=metric, storage=None, sampler="grid", pruner="none",
+                          metric=metric, direction=None)
+
+    with pytest.raises(TunelabError, match="scores generated answers; a classifier run offers accuracy, macro_f1"):
+        plan("exact_match")
+    study = run_study(plan("accuracy"))
+    assert study.direction.name == "MAXIMIZE" and len(study.trials) == 2
+    for trial in study.trials:
+        run = tmp_path / "runs" / "hpo" / "accuracy" / f"trial-{trial.number}"
+        assert trial.value == json.loads((run / "eval.json").read_text())["accuracy"]
+    by_rate = {t.params["training.learning_rate"]: t.value for t in study.trials}
+    assert by_rate[5.0e-3] > 0.6 > by_rate[1.0e-6]  # majority class 41%; lr 1e-6 barely moves the random model
+    assert study.best_trial.params["training.learning_rate"] == 5.0e-3
+
+
 def test_classification_benchmark_script_runs_both_frameworks(tiny_bert_dir, tmp_path):
     out = tmp_path / "c1.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_classify.py"), "--model", str(tiny_bert_dir),

@@ -522,7 +522,7 @@ def hpo(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL shared by workers \\[default: sqlite in the study folder].")] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe, grid or random.")] = "tpe",
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none (they watch the eval loss).")] = "median",
-    metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu.")] = "eval_loss",
+    metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu; classifier runs: accuracy, macro_f1 (eval split).")] = "eval_loss",
     direction: Annotated[Optional[str], typer.Option("--direction", help="minimize or maximize \\[default: by metric].")] = None,
 ) -> None:
     """Search hyperparameters with Optuna: each trial a normal run under runs/hpo/STUDY/trial-K.

@@ -61,7 +61,11 @@ METRICS: dict[str, str | None] = {
     "rouge2": "rouge",
     "rougeL": "rouge",
     "bleu": "bleu",
+    "macro_f1": None,
 }
+# A classifier run (task: classification) scores its eval split at the end of training
+# (eval.json): these metrics are read from there, nothing is generated.
+CLASSIFIER_METRICS = ("accuracy", "macro_f1")
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity", "train_loss")
 # Keys the study sets itself: every trial writes its own folder and starts fresh.
 RESERVED_KEYS = ("output", "training.resume")
@@ -329,7 +333,16 @@ def plan_study(
             f"--metric {metric} needs evaluation data, and {config_path} has none.\n"
             "  fix: data.eval=FILE or data.eval_fraction=0.1"
         )
-    if METRICS[metric] is not None and base_config.data.eval is None:
+    classifier = base_config.task == "classification"
+    if metric == "macro_f1" and not classifier:
+        raise TunelabError("--metric macro_f1 scores classifiers (task: classification)\n  fix: --metric exact_match, accuracy, rougeL, bleu or eval_loss")
+    if classifier and metric not in (*CLASSIFIER_METRICS, *LOWER_IS_BETTER):
+        raise TunelabError(f"--metric {metric} scores generated answers; a classifier run offers {', '.join(CLASSIFIER_METRICS)} "
+                           f"or {', '.join(LOWER_IS_BETTER)}\n  fix: --metric accuracy")
+    if classifier and metric in CLASSIFIER_METRICS and not has_eval:
+        raise TunelabError(f"--metric {metric} is measured on the eval split, and {config_path} has none.\n"
+                           "  fix: data.eval=FILE or data.eval_fraction=0.1")
+    if METRICS[metric] is not None and base_config.data.eval is None and not classifier:
         raise TunelabError(
             f"--metric {metric} is scored by generating answers to data.eval, which is not set.\n"
             "  fix: data.eval=FILE (prompts with reference answers), or --metric eval_loss"
@@ -530,6 +543,8 @@ def metric_value(metric: str, config: RunConfig, result) -> float:
         if result.train_loss is None:
             raise TunelabError("the run logged no training loss")
         return result.train_loss
+    if config.task == "classification":  # scored on the eval split when training ended
+        return float(json.loads((result.run_dir / "eval.json").read_text())[metric])
     from tunelab.evaluate import data_label, evaluate_model, load_eval_examples, save_evaluation
 
     d, e = config.data, config.evaluation
