@@ -7,7 +7,6 @@ import shutil
 import sys
 from collections import namedtuple
 
-import pytest
 import torch
 
 from tunelab import doctor

@@ -161,7 +161,7 @@ def test_two_process_run_stopped_then_killed_resumes_to_the_uninterrupted_weight
     assert stopped, err[-4000:]
     step = int(stopped[1])
     assert err.count("stopped by SIGTERM") == 1  # said once, by the main process
-    assert f"torchrun --nproc_per_node 2 -m tunelab train" in err and "--resume" in err
+    assert "torchrun --nproc_per_node 2 -m tunelab train" in err and "--resume" in err
     assert Path(stopped[2]) == run_dir / "checkpoints" / f"step-{step}" and 3 <= step < 10
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{step}"]
     assert not (run_dir / "final").exists()

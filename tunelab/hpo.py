@@ -635,8 +635,6 @@ def run_study(plan: StudyPlan) -> Any:
     trial. When every remaining slot is taken by a trial running elsewhere, wait for it (it
     may belong to a dead worker and come back as a retry). Returns the study.
     """
-    import optuna
-
     started = time.time()
     with StudyLock(plan.directory):
         study = open_study(plan)

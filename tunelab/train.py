@@ -29,7 +29,6 @@ from accelerate.utils import gather_object, set_seed
 
 from tunelab.allocator import keep_freed_memory
 from tunelab.checkpoint import (
-    STATE_FILE,
     TrainState,
     latest_checkpoint,
     load_training_state,
