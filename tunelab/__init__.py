@@ -14,11 +14,16 @@ Names are imported on first use, so `tunelab --help` does not pay for importing 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 # CPU tensors of 2 MB and more go on transparent huge pages (see tunelab/allocator.py).
 # PyTorch reads this once, at its first CPU allocation, hence here, before torch loads.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# On AVX512-BF16 CPUs bitsandbytes tries to fetch a 4-bit kernel from the Hugging Face hub
+# (the `kernels` package) and warns on every run when it cannot; its built-in kernel is used
+# either way, so the warning only alarms.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
