@@ -123,6 +123,14 @@ def test_a_model_that_transforms_its_logits_is_caught_and_trained_on_its_own_log
     expected = F.cross_entropy(scaled(input_ids=ids).logits[:, :-1].reshape(-1, 49152), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(loss_sum / count, expected)
 
+    # The causal-LM task makes this choice at start-up from one real batch, and says so.
+    from tunelab.tasks import causal_lm
+
+    notes = []
+    assert not causal_lm.loss_module(tiny_llama, probe=batch, say=notes.append).use_model_logits and not notes
+    assert causal_lm.loss_module(scaled, probe=batch, say=notes.append).use_model_logits
+    assert notes and "transforms its logits" in notes[0]
+
 
 def test_no_grad_evaluation_computes_no_head_gradient():
     """Under no_grad the fused head must do the forward matmuls only: before the fix it also

@@ -225,22 +225,12 @@ def load_base_model(
     device: torch.device | str | None = None,
 ):
     """Load a causal LM from a resolved source, optionally quantized to 4/8 bits (bitsandbytes)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    attn_implementation = usable_attention(attn_implementation, device)
-    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
-    if bits == 4:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    elif bits == 8:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if bits is not None and device is not None and torch.device(device).type != "cpu":
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
+    kwargs = loading_kwargs(dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                            compute_dtype=compute_dtype, attn_implementation=attn_implementation,
+                            trust_remote_code=trust_remote_code, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -251,6 +241,41 @@ def load_base_model(
     if bits is None and device is not None:
         model.to(device)
     return model
+
+
+def loading_kwargs(
+    *,
+    dtype: torch.dtype,
+    bits: int | None,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    device: torch.device | str | None,
+    keep_unquantized: list[str] | None = None,
+) -> dict:
+    """`from_pretrained` keyword arguments shared by every model tunelab trains: dtype, a usable
+    attention kernel, bitsandbytes 4/8-bit settings (`keep_unquantized`: modules left in full
+    precision, e.g. a new classifier head) and, for a quantized model on a GPU, its device."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "attn_implementation": usable_attention(attn_implementation, device),
+                    "trust_remote_code": trust_remote_code}
+    skip = {"llm_int8_skip_modules": keep_unquantized} if keep_unquantized else {}
+    if bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            **skip,
+        )
+    elif bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
+    if bits is not None and device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device).index or 0}
+    return kwargs
 
 
 def usable_attention(name: str, device: torch.device | str | None) -> str:

@@ -41,14 +41,9 @@ from tunelab.console import console
 from tunelab.errors import TrainingInterrupted, TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
-from tunelab.loss import IGNORE_INDEX, TargetTokenLoss, head_matches_model
+from tunelab.loss import TargetTokenLoss
 from tunelab.stopping import StopRequest, resume_command
 from tunelab.tasks import task_module
-
-
-def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Target tokens in a batch (positions 1.. whose label is not ignored)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 # --- optimizer and schedule -------------------------------------------------------------------
@@ -285,7 +280,7 @@ def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Te
 
 def accumulate_gradients(
     loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
-    count_targets=count_targets,
+    count_targets=TargetTokenLoss.count_targets,
 ) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens), all processes.
 
@@ -639,13 +634,9 @@ def train(
     accelerator.wait_for_everyone()
 
     # ---- optimizer, schedule, state -------------------------------------------------------------
-    loss_module = task_impl.loss_module(model)
+    probe = _to_device(data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing), accelerator.device)
+    loss_module = task_impl.loss_module(model, probe=probe, say=say)
     count_step_targets = loss_module.count_targets  # the task says what a target is (token, example, pair)
-    if isinstance(loss_module, TargetTokenLoss):
-        probe = data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing)
-        if not head_matches_model(loss_module, _to_device(probe, accelerator.device)):
-            loss_module.use_model_logits = True
-            say("[yellow]note[/]: this model transforms its logits; the loss takes its full logits (more memory)")
     optimizer = build_optimizer(
         model,
         name=cfg_train.optimizer,

@@ -81,11 +81,8 @@ def merge_model(source: str, out: str | Path | None = None, *, dtype: str = "aut
     is_classifier = loaded.task == "classification"
     with folder.building(out) as tmp:
         with status(f"Writing the merged model ({hf.DTYPE_NAMES[target]}) to {out}"):
-            (classifier.write_merged if is_classifier else hf.write_merged)(loaded, tmp, target)
-        if is_classifier:
-            numbers = classifier.verify_directory(loaded, tmp, hf.DTYPE_NAMES[target])
-        else:
-            numbers = hf.verify_directory(loaded, tmp, target)
+            (hf.save_in_dtype if is_classifier else hf.write_merged)(loaded, tmp, target)  # a classifier generates nothing
+        numbers = (classifier.verify_directory if is_classifier else hf.verify_directory)(loaded, tmp, target)
         info = {
             "format": "hf", "task": loaded.task, "source": describe_source(loaded), "dtype": hf.DTYPE_NAMES[target],
             "parameters": sum(p.numel() for p in loaded.model.parameters()), "verification": numbers,

@@ -90,28 +90,21 @@ def load_classifier_source(source: str, *, trust_remote_code: bool = False) -> S
     )
 
 
-def write_merged(source: Source, directory: Path, dtype: torch.dtype) -> None:
-    """Save the merged classifier in `dtype` with its tokenizer; the labels are in config.json."""
-    import copy
+def verify_directory(source: Source, directory: Path, dtype: torch.dtype) -> dict:
+    """Reload with plain `AutoModelForSequenceClassification`, compare class logits with the
+    source, and check that config.json names the run's classes in order."""
+    import json
 
-    model = source.model
-    model.config.dtype = dtype
-    to_save = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)  # the fp32 model stays the reference
-    to_save.save_pretrained(directory, safe_serialization=True)
-    source.tokenizer.save_pretrained(directory)
-
-
-def verify_directory(source: Source, directory: Path, dtype_name: str) -> dict:
-    """Reload with plain `AutoModelForSequenceClassification` and compare class logits with the source."""
     from transformers import AutoModelForSequenceClassification
 
-    reloaded = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
-    numbers = verify.compare_logits(source.reference_logits, verify.all_logits(class_logits_fn(reloaded), source.prompts))
-    verify.check_logits(numbers, dtype=dtype_name, what=f"the saved classifier ({directory.name})")
+    from tunelab.export import hf
+
+    numbers = hf.verify_directory(source, directory, dtype, model_class=AutoModelForSequenceClassification,
+                                  logits_fn=class_logits_fn)
     labels = [source.model.config.id2label[i] for i in range(source.model.config.num_labels)]
-    reloaded_labels = [reloaded.config.id2label[i] for i in range(reloaded.config.num_labels)]
-    if reloaded_labels != labels:
-        raise verify.VerificationError(f"the saved classifier names its classes {reloaded_labels}, the run {labels}; nothing was written")
+    saved = json.loads((directory / "config.json").read_text())["id2label"]
+    if [saved[str(i)] for i in range(len(saved))] != labels:
+        raise verify.VerificationError(f"the saved classifier names its classes {saved}, the run {labels}; nothing was written")
     numbers["labels"] = labels
     return numbers
 

@@ -27,30 +27,35 @@ def write_merged(source: Source, directory: Path, dtype: torch.dtype) -> None:
     model = source.model
     model.generation_config.eos_token_id = end_of_turn_ids(source.tokenizer)
     model.generation_config.pad_token_id = source.tokenizer.pad_token_id
+    save_in_dtype(source, directory, dtype)
+
+
+def save_in_dtype(source: Source, directory: Path, dtype: torch.dtype) -> None:
+    """The model's weights in `dtype` (safetensors) and its tokenizer."""
+    import copy
+
+    model = source.model
     model.config.dtype = dtype
     # Cast a copy only when needed: the fp32 model stays the reference for other checks.
-    to_save = model if dtype == torch.float32 else _cast_copy(model, dtype)
+    to_save = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     to_save.save_pretrained(directory, safe_serialization=True)
     source.tokenizer.save_pretrained(directory)
 
 
-def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(dtype)
-
-
-def verify_directory(source: Source, directory: Path, dtype: torch.dtype) -> dict:
-    """Reload the written directory with plain transformers and compare its logits with the source.
+def verify_directory(
+    source: Source, directory: Path, dtype: torch.dtype, *, model_class=None, logits_fn=verify.torch_logits_fn
+) -> dict:
+    """Reload the written directory with plain transformers (`model_class`, default
+    AutoModelForCausalLM) and compare its logits with the source.
 
     The reloaded model computes in fp32 from the stored weights, so the difference is the
     storage dtype's rounding (none for fp32).
     """
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    reloaded = (model_class or AutoModelForCausalLM).from_pretrained(directory, dtype=torch.float32)
     reloaded.eval()
-    numbers = verify.compare_logits(source.reference_logits, verify.all_logits(verify.torch_logits_fn(reloaded), source.prompts))
+    numbers = verify.compare_logits(source.reference_logits, verify.all_logits(logits_fn(reloaded), source.prompts))
     verify.check_logits(numbers, dtype=DTYPE_NAMES[dtype], what=f"the saved model ({directory.name})")
     return numbers
 

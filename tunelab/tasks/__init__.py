@@ -8,7 +8,7 @@ A task is a module with the same few functions, which the recipe in `train.py` c
                                                eval_batches, summary)
     load_model(source, *, data, tokenizer, **loading)   the base model with the task's head
     PEFT_TASK_TYPE                             what PEFT wraps (which modules it trains besides adapters)
-    loss_module(model)                         an nn.Module: forward(**batch) -> (summed loss, target count);
+    loss_module(model, probe=, say=)           an nn.Module (probe: one real batch for start-up checks): forward(**batch) -> (summed loss, target count);
                                                its `count_targets(batch)` gives the count before the
                                                forward pass, so the loop normalises per target
                                                across accumulation and processes

@@ -31,8 +31,17 @@ def load_model(source: str, *, data, tokenizer, **loading) -> torch.nn.Module:  
     return load_base_model(source, **loading)
 
 
-def loss_module(model: torch.nn.Module) -> TargetTokenLoss:
-    return TargetTokenLoss(model)
+def loss_module(model: torch.nn.Module, *, probe: dict[str, torch.Tensor], say=print) -> TargetTokenLoss:
+    """The fused-head target-token loss, unless the model's own logits differ from what the fused
+    head computes on `probe` (one real batch: a model that transforms its logits, e.g. softcapping);
+    then the loss takes the model's full logits."""
+    from tunelab.loss import head_matches_model
+
+    loss = TargetTokenLoss(model)
+    if not head_matches_model(loss, probe):
+        loss.use_model_logits = True
+        say("[yellow]note[/]: this model transforms its logits; the loss takes its full logits (more memory)")
+    return loss
 
 
 def describe_eval_loss(loss: float) -> str:

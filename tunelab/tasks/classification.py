@@ -106,24 +106,15 @@ def load_classifier(
     labels. `pad_token_id` goes into the config: decoder classifiers find each row's last
     real token by it. 4/8-bit loading keeps the head in full precision (it is trained).
     """
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
 
-    from tunelab.models import _quiet_transformers
+    from tunelab.models import _quiet_transformers, loading_kwargs
 
     _quiet_transformers()
-    kwargs: dict[str, Any] = {
-        "dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code,
-        "num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
-    }
-    if bits == 4:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=HEAD_MODULES,
-        )
-    elif bits == 8:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
-    if bits is not None and device is not None and torch.device(device).type != "cpu":
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
+    kwargs = loading_kwargs(dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                            compute_dtype=compute_dtype, attn_implementation=attn_implementation,
+                            trust_remote_code=trust_remote_code, device=device, keep_unquantized=HEAD_MODULES)
+    kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError) as err:
@@ -534,7 +525,7 @@ class ClassificationLoss(torch.nn.Module):
         return loss, torch.tensor(labels.numel(), device=labels.device)
 
 
-def loss_module(model: torch.nn.Module) -> ClassificationLoss:
+def loss_module(model: torch.nn.Module, *, probe: dict[str, torch.Tensor] | None = None, say=print) -> ClassificationLoss:  # noqa: ARG001
     return ClassificationLoss(model)
 
 
