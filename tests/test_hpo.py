@@ -261,7 +261,8 @@ def test_killed_study_resumes_with_two_workers_to_exactly_n_trials(workdir):
 
     shown = tunelab("hpo", "show", "shared", cwd=workdir)
     assert shown.returncode == 0, shown.stderr
-    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") > 3}
+    # Keyed by trial number; the best trial's number carries a " *" mark.
+    rows = {line.split("│")[1].strip().removesuffix(" *"): line for line in shown.stdout.splitlines() if line.count("│") > 3}
     assert "interrupted" in rows["1"] and "retry of trial 1" in rows[str(retries[0].number)]
     assert "4 complete  1 interrupted" in shown.stdout
     assert f"best: trial {min(finished, key=lambda t: t.value).number}," in shown.stdout
