@@ -99,7 +99,10 @@ def language_problem(block: Block) -> str | None:
 
 
 def check_yaml_block(block: Block, tmp_path: Path) -> None:
-    """Raise when a YAML block is not what its marks say it is."""
+    """Raise when a YAML block is not what its marks say it is, or differs from the repo file its title names."""
+    shown = ROOT / block.attrs["title"] if "title" in block.attrs else None
+    if shown is not None and shown.is_file() and shown.read_text(encoding="utf-8") != block.text:
+        raise AssertionError(f"{block.where}: differs from {block.attrs['title']}; copy the file again")
     if "no-check" in block.classes:
         if not re.search(r"^\s*\.\.\.\s*$", block.text, re.M):
             yaml.safe_load(block.text)
@@ -246,6 +249,9 @@ def test_yaml_check_rejects_a_bad_run_config_and_a_bad_space(tmp_path):
     space = fenced_blocks("```yaml {.hpo-space}\nlora.rank: [8, 16]\n```\n", ROOT / "x.md")[0]
     with pytest.raises(TunelabError, match="lora.rank"):
         check_yaml_block(space, tmp_path)
+    stale = fenced_blocks('```yaml title="configs/lora.yaml"\nmethod: lora\n```\n', ROOT / "x.md")[0]
+    with pytest.raises(AssertionError, match="differs from configs/lora.yaml"):
+        check_yaml_block(stale, tmp_path)
     broken = fenced_blocks("```yaml {.no-check}\na: [1, 2\n```\n", ROOT / "x.md")[0]
     with pytest.raises(yaml.YAMLError):
         check_yaml_block(broken, tmp_path)
