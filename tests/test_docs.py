@@ -373,3 +373,53 @@ def test_readme_is_a_front_page_whose_links_resolve():
 
 def test_link_check_finds_a_missing_file():
     assert broken_links("[a](docs/nope.md) [b](docs/serving.md) [c](https://x.org) [d](README.md#x)", ROOT) == ["docs/nope.md"]
+
+
+# ---------------------------------------------------------------- screenshots
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts" / "docs"
+
+
+def save_screenshot(page, name: str) -> Path:
+    """Screenshot to test-artifacts/docs/; with TUNELAB_DOCS_SCREENSHOTS=1 (`make docs-screenshots`)
+    also to docs/NAME.png, the picture the docs show, so it is what the code renders."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    if os.environ.get("TUNELAB_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(path, DOCS / f"{name}.png")
+    return path
+
+
+def test_report_renders_in_a_browser_and_is_screenshotted(tmp_path, monkeypatch, tiny_model_dir):
+    if not CHROMIUM.is_file():
+        reason = f"the report screenshot needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    from tunelab.config import build_config
+    from tunelab.train import train
+
+    write_example_files(tmp_path)
+    config = build_config({
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "eval.jsonl")},
+        "training": {"batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 3, "learning_rate": 5e-3,
+                     "warmup_steps": 2, "logging_steps": 1, "eval_steps": 4, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny-report"},
+    })
+    result = train(config, quiet=True)
+    report = Path(result.run_dir) / "report.html"
+    with playwright_api.sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(report.as_uri())
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert len(widths) >= 2 and min(widths) > 100, f"plots did not render: {widths}"
+        assert "24" in page.inner_text("body")  # 16 examples / batch 2 x 3 epochs = 24 steps
+        path = save_screenshot(page, "report")
+        browser.close()
+    assert path.stat().st_size > 20_000
