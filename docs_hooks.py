@@ -61,13 +61,21 @@ def type_text(annotation: Any) -> str:
 
 
 def allowed_values(annotation: Any) -> list[Any]:
-    """Every Literal value a field accepts (empty when it is not a closed set)."""
-    if typing.get_origin(annotation) is typing.Literal:
+    """Every value a field accepts when that is a closed set (Literals, bools, null; a list's items);
+    empty when any part is open (`list[str] or "all-linear"`: any module name goes)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
         return list(typing.get_args(annotation))
-    values: list[Any] = []
-    for arg in typing.get_args(annotation):
-        values += allowed_values(arg)
-    return values
+    if annotation is bool:
+        return [True, False]
+    if annotation is type(None):
+        return [None]
+    if origin is list:
+        return allowed_values(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        parts = [allowed_values(arg) for arg in typing.get_args(annotation)]
+        return [v for part in parts for v in part] if all(parts) else []
+    return []
 
 
 def bounds_text(field) -> str:
