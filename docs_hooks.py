@@ -43,13 +43,13 @@ CLI_REFERENCE = "reference/cli.md"
 
 
 def type_text(annotation: Any) -> str:
-    """A field's type as a reader writes it: `int`, `str or null`, `list[str] or "all-linear"`."""
+    """A field's type as a reader writes it: `int`, `str or null`, `bool or str` (Literals by their values' type)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Literal:
-        return " or ".join(json.dumps(a) for a in args)  # "or", not "|": a pipe would end the table cell
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_text(a) for a in args)
+    if origin is typing.Literal:  # the values themselves are in the "allowed" column
+        return " or ".join(dict.fromkeys(type(a).__name__ for a in args))
+    if origin in (typing.Union, types.UnionType):  # "or", not "|": a pipe would end the table cell
+        return " or ".join(dict.fromkeys(type_text(a) for a in args))
     if origin in (list, tuple):
         inner = ", ".join(type_text(a) for a in args)
         return f"{origin.__name__}[{inner}]"
