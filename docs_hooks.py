@@ -28,6 +28,7 @@ log = logging.getLogger("mkdocs.hooks.tunelab")
 # Pages other branches write (see /work/coord/docs-conventions.md); listed in mkdocs.yml's nav.
 RESERVED_PAGES = (
     "preference.md",
+    "grpo.md",
     "generation.md",
     "serving.md",
     "export.md",

@@ -195,12 +195,31 @@ def test_docs_site_builds_strictly_with_generated_references(tmp_path):
         assert text in cli_page
 
 
-def test_strict_build_fails_on_a_broken_link_and_a_stale_reference(tmp_path):
+def copy_project(tmp_path: Path) -> Path:
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "mkdocs.yml", project / "mkdocs.yml")
     shutil.copy(ROOT / "docs_hooks.py", project / "docs_hooks.py")
     shutil.copytree(DOCS, project / "docs")
+    return project
+
+
+def test_reserved_pages_join_the_nav_when_present_and_unlisted_pages_fail(tmp_path):
+    project = copy_project(tmp_path)
+    for page in RESERVED_PAGES:
+        (project / "docs" / page).write_text(f"# {page}\n\nBack to [the start](index.md).\n")
+    result = build_site(project, tmp_path / "site")
+    assert result.returncode == 0, result.stderr[-2000:]
+    home = (tmp_path / "site" / "index.html").read_text()
+    for page in RESERVED_PAGES:
+        assert f'href="{page.removesuffix(".md")}/"' in home, f"{page} is not in the nav"
+    (project / "docs" / "unlisted.md").write_text("# Unlisted\n")
+    result = build_site(project, tmp_path / "site2")
+    assert result.returncode != 0 and "unlisted.md" in result.stderr
+
+
+def test_strict_build_fails_on_a_broken_link_and_a_stale_reference(tmp_path):
+    project = copy_project(tmp_path)
     with open(project / "docs" / "index.md", "a") as page:
         page.write("\nSee [the missing page](no-such-page.md).\n")
     reference = project / "docs" / CONFIG_REFERENCE
