@@ -237,7 +237,9 @@ def test_generate_and_eval_run_the_onnx_folder_through_onnx_runtime(onnx_dir, lo
     data.write_text("".join(json.dumps(r) + "\n" for r in reasoning_problems(4, seed=9)))
     onnx_eval, torch_eval = (evaluate_sources([src], str(data), metrics=["loss"], output=tmp_path / name)[0]
                              for src, name in ((str(onnx_dir), "onnx"), (str(lora_run), "torch")))
-    assert abs(onnx_eval.scores["loss"] - torch_eval.scores["loss"]) < 1e-4
+    # Both fp32; they differ only in the order of float sums (ONNX Runtime's kernels vs torch's,
+    # which changes with the CPU's vector width): ~1e-5 relative. bf16 anywhere would be ~1e-2.
+    assert onnx_eval.scores["loss"] == pytest.approx(torch_eval.scores["loss"], rel=5e-5)
     assert onnx_eval.scores["params"] == torch_eval.scores["params"]
 
     cli = _tunelab("generate", str(onnx_dir), "--prompt", prompts[0], "--max-new-tokens", "12", cwd=tmp_path)
