@@ -269,6 +269,7 @@ def test_zero_penalties_are_accepted_as_off(client, base_id):
     ({"model": "M", "messages": MESSAGES, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"model": "M", "messages": MESSAGES, "stop": ["a"] * 17}, "stop", "at most 16 stop strings"),
     ({"model": "M", "messages": MESSAGES, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "disagree"),
+    ({"model": "M", "messages": MESSAGES, "n": 9}, "n", "above the 8 generations this server runs or queues"),
 ])
 def test_bad_fields_are_400_with_the_field_named(server, base_id, body, param, words):
     body = {**body, "model": base_id} if body.get("model") == "M" else body

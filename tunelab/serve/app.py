@@ -227,6 +227,9 @@ def prepare_chat(body: ChatCompletionRequest, by_id: dict[str, ServedModel], set
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = new_token_budget(model, len(prompt), wanted, field, "messages", settings)
+    if body.n > settings.capacity:
+        raise RequestError(400, f"'n' is {body.n}, above the {settings.capacity} generations this server runs or "
+                           "queues at once (--max-batch-size + --max-queue)", param="n")
     params = sampling_params(body, max_new)
     return Prepared(model, [prompt] * body.n, params, len(prompt))
 

@@ -20,6 +20,8 @@ from tunelab.errors import TunelabError
 
 KEY_ENV = "TUNELAB_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Callers (keys, or client addresses with --insecure) whose buckets are kept before full ones are dropped.
+MAX_TRACKED_CALLERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class RateLimiter:
             now = self._clock()
             tokens, last = self._buckets.get(caller, (float(self.per_minute), now))
             tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+            if len(self._buckets) > MAX_TRACKED_CALLERS:  # forget callers whose bucket has refilled
+                self._buckets = {who: (t, at) for who, (t, at) in self._buckets.items()
+                                 if t + (now - at) * rate < self.per_minute}
             if tokens >= 1.0:
                 self._buckets[caller] = (tokens - 1.0, now)
                 return None
