@@ -284,8 +284,12 @@ def eval_command(
     Plain-text data ({"text": ...}) is scored by loss and perplexity over every token. Classifier
     runs (task: classification) get accuracy, macro and per-class precision / recall / F1 and a
     confusion matrix instead. Writes <output>/eval/<data>/predictions.jsonl and scores.json per
-    model (and merges the run's eval.json).
+    model (and merges the run's eval.json). Each score gets a 95% interval (Wilson for exact match
+    and accuracy, bootstrap over examples for loss, perplexity and ROUGE-L); with several models,
+    each later one gets its difference to the first on the same examples with a paired bootstrap
+    95% interval, starred when it excludes zero.
     """
+    from tunelab.compare import differences_table
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
     from tunelab.tasks.classification import evaluate_classifiers, is_classifier, scores_tables
 
@@ -311,6 +315,9 @@ def eval_command(
     # A pipe or file gets the whole table rather than Rich's 80-column default squeeze.
     out = console if console.is_terminal else Console(width=200)
     out.print(comparison_table(results))
+    differences = differences_table(results)
+    if differences is not None:
+        out.print(differences)
     shown = differing_samples(results, samples)
     if shown:
         out.print(samples_table(results, shown))
