@@ -531,6 +531,34 @@ def ui(
 
 
 @app.command()
+def serve(
+    source: Annotated[str, typer.Argument(help="Run folder, checkpoint, adapter or model dir, .gguf, hub id, or 'default' (the base when adapters are given).", show_default=False)],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=RUN: serve RUN's LoRA adapter as model NAME over the one base (repeatable).", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; another than loopback needs an API key (or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Key clients send as 'Authorization: Bearer KEY' [default: $TUNELAB_API_KEY, else one is generated and printed].", show_default=False)] = None,
+    api_keys_file: Annotated[Optional[Path], typer.Option("--api-keys-file", help="File with one accepted key per line ('#' comments).", show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve without any key (prints a warning).")] = False,
+    requests_per_minute: Annotated[int, typer.Option("--requests-per-minute", help="Per key; more get 429 with Retry-After (0: unlimited).")] = 600,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Sequences decoded together per model (continuous batching).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Generations that may wait beyond the running batch; more get 429.")] = 32,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most new tokens a request may ask for (per choice).")] = 2048,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take, queueing included (then 504).")] = 600.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads torch uses [default: torch's choice].", show_default=False)] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with keys, rate limits and streaming."""
+    from tunelab.serve import serve as run_server
+
+    run_server(
+        source, adapters=adapter, host=host, port=port, api_key=api_key, api_keys_file=api_keys_file, insecure=insecure,
+        requests_per_minute=requests_per_minute, max_batch_size=max_batch_size, max_queue=max_queue, max_tokens=max_tokens,
+        timeout=timeout, dtype=dtype, device=device, threads=threads,
+    )
+
+
+@app.command()
 def hpo(
     config_file: Annotated[Path, typer.Argument(help="Run config to search around (or the word 'show').", show_default=False)],
     overrides: OverridesArg = None,
