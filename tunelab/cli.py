@@ -530,6 +530,7 @@ def hpo(
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none (they watch the eval loss).")] = "median",
     metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu; classifier runs: accuracy, macro_f1 (eval split).")] = "eval_loss",
     direction: Annotated[Optional[str], typer.Option("--direction", help="minimize or maximize \\[default: by metric].")] = None,
+    heartbeat: Annotated[float, typer.Option("--heartbeat", help="Seconds between a worker's heartbeats; a trial silent for 4 heartbeats belongs to a dead worker and is run again.")] = 30.0,
 ) -> None:
     """Search hyperparameters with Optuna: each trial a normal run under runs/hpo/STUDY/trial-K.
 
@@ -549,7 +550,7 @@ def hpo(
         raise TunelabError("--space SPACE.yaml is required: the keys to search and their ranges")
     plan = search.plan_study(
         config_file, list(overrides or []), space_path=space, n_trials=trials, timeout_s=timeout, study_name=study,
-        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction,
+        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction, heartbeat_s=heartbeat,
     )
     result = search.run_study(plan)
     out.print(search.results_table(result, plan.metric, plan.direction))
