@@ -511,8 +511,13 @@ def ui(
     runs_dir: Annotated[Path, typer.Argument(help="Runs folder to show and train into.")] = Path("runs"),
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 serves other machines (use --auth).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 7860,
-    auth: Annotated[Optional[str], typer.Option("--auth", help="USER:PASS required to open the UI.")] = None,
+    auth: Annotated[Optional[str], typer.Option("--auth", help="USER:PASS required to open the UI (default: a random token, printed in the URL).")] = None,
     auth_file: Annotated[Optional[Path], typer.Option("--auth-file", help="File with one USER:PASS per line.")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="No token and no password: anything that reaches the port may use the UI (warned).")] = False,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="Host name the UI may be reached under besides localhost, this machine's names and IP addresses (repeatable; * allows any).")] = None,
+    allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", help="Let the Train tab run configs with model.trust_remote_code: true.")] = False,
+    allow_overwrite: Annotated[bool, typer.Option("--allow-overwrite", help="Let the Train tab run configs with output.overwrite: true.")] = False,
+    allow_hub: Annotated[bool, typer.Option("--allow-hub", help="Let trainings started from the UI download models and data from the Hugging Face Hub.")] = False,
     share: Annotated[bool, typer.Option("--share", help="Also make a public gradio.live link (needs internet).")] = False,
     data_dir: Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra folder the UI may read data/models from (repeatable).")] = None,
     max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded (least recently used dropped).")] = 3,
@@ -525,7 +530,8 @@ def ui(
     from tunelab.ui import serve
 
     serve(
-        runs_dir, host=host, port=port, auth=auth, auth_file=auth_file, share=share, data_dirs=data_dir,
+        runs_dir, host=host, port=port, auth=auth, auth_file=auth_file, no_auth=no_auth, allow_hosts=allow_host,
+        allow_remote_code=allow_remote_code, allow_overwrite=allow_overwrite, allow_hub=allow_hub, share=share, data_dirs=data_dir,
         max_models=max_models, concurrency=concurrency, max_upload_mb=max_upload_mb, dtype=dtype, device=device,
     )
 
@@ -571,6 +577,7 @@ def hpo(
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none (they watch the eval loss).")] = "median",
     metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu; classifier runs: accuracy, macro_f1 (eval split).")] = "eval_loss",
     direction: Annotated[Optional[str], typer.Option("--direction", help="minimize or maximize \\[default: by metric].")] = None,
+    heartbeat: Annotated[float, typer.Option("--heartbeat", help="Seconds between a worker's heartbeats; a trial silent for 4 heartbeats belongs to a dead worker and is run again.")] = 30.0,
 ) -> None:
     """Search hyperparameters with Optuna: each trial a normal run under runs/hpo/STUDY/trial-K.
 
@@ -590,7 +597,7 @@ def hpo(
         raise TunelabError("--space SPACE.yaml is required: the keys to search and their ranges")
     plan = search.plan_study(
         config_file, list(overrides or []), space_path=space, n_trials=trials, timeout_s=timeout, study_name=study,
-        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction,
+        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction, heartbeat_s=heartbeat,
     )
     result = search.run_study(plan)
     out.print(search.results_table(result, plan.metric, plan.direction))
