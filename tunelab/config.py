@@ -89,6 +89,40 @@ class ClassificationConfig(Section):
     label_field: str | None = Field(None, description="Field holding the label (a string or an integer); unset = detected.")
 
 
+class RewardConfig(Section):
+    """One reward function and its weight in the total reward."""
+
+    name: str = Field(description="A built-in (correct, format_strict, format_soft, length) or a user function as "
+                      "'module:function' (imported and run as your own code).")
+    weight: float = Field(1.0, description="Multiplier in the total reward.")
+
+
+class GrpoConfig(Section):
+    """task: grpo: sampling, rewards and the policy objective (names and meanings as in TRL's GRPOConfig)."""
+
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt; their rewards are compared "
+                                 "within the group (4 suits a CPU, 8 a GPU).")
+    max_completion_length: int = Field(128, ge=1, description="Tokens per sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (and of their log-probs).")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling of the rollouts.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="How the token losses are averaged: dapo = over all completion tokens, grpo = per "
+        "completion then over completions, dr_grpo = over completions x max_completion_length (no length bias).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the group's reward std, the batch's, or not at all (Dr. GRPO).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip of the probability ratio: 1 - epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip 1 + epsilon_high (DAPO's 0.28); unset = epsilon.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference (the base with adapters "
+                        "off); 0 = none, as TRL's default.")
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="correct", weight=1.0), RewardConfig(name="format_soft", weight=0.2)],
+        min_length=1, description="Reward functions and weights; the total reward is the weighted sum.")
+    reference_field: str = Field("reference", description="Record field holding the reference answer; unset in a "
+                                 "record = its last assistant reply (GSM8K's answer).")
+    log_completions_steps: int = Field(10, ge=0, description="Every N steps, write sampled completions with their "
+                                       "rewards to RUN/rollouts.jsonl; 0 = never.")
+
+
 class LoraSettings(Section):
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
@@ -164,10 +198,12 @@ class LoggingConfig(Section):
 class RunConfig(Section):
     """A whole fine-tuning run."""
 
-    task: Task = Field("causal_lm", description="causal_lm (generate replies) or classification (text -> label).")
+    task: Task = Field("causal_lm", description="causal_lm (generate replies), classification (text -> label) or "
+                       "grpo (learn from rewards on sampled answers).")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     classification: ClassificationConfig = ClassificationConfig()
+    grpo: GrpoConfig = GrpoConfig()
     method: Method = "lora"
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationConfig = QuantizationConfig()
@@ -200,11 +236,25 @@ class RunConfig(Section):
             )
         if self.task == "classification":
             _check_classification_data(self.data)
+        if self.task == "grpo":
+            _check_grpo(self)
         return self
 
 
 # Metrics that need the model to generate an answer (the rest are teacher-forced).
 GENERATION_METRICS = ("exact_match", "rouge", "bleu", "accuracy")
+
+
+def _check_grpo(config: RunConfig) -> None:
+    """Settings learning from rewards cannot use."""
+    if config.data.packing:
+        raise ValueError("task: grpo samples completions per prompt; set data.packing: false")
+    if config.grpo.beta > 0 and config.method == "full":
+        raise ValueError("grpo.beta > 0 takes the reference from the base with adapters off, which method: full has "
+                         "not; use method: lora (or dora, qlora), or grpo.beta: 0")
+    if config.grpo.max_completion_length >= config.data.max_seq_length:
+        raise ValueError(f"grpo.max_completion_length ({config.grpo.max_completion_length}) must be below "
+                         f"data.max_seq_length ({config.data.max_seq_length}), which holds prompt + completion")
 
 
 def _check_classification_data(data: DataConfig) -> None:

@@ -687,7 +687,7 @@ def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
 
     def step_info(training: bool) -> StepInfo:
         return StepInfo(training=training, step=state.global_step, epoch=state.epoch, seed=cfg_train.seed, rank=rank,
-                        world=world, device=accelerator.device)
+                        world=world, device=accelerator.device, run_dir=run_dir)
 
     def run_eval() -> dict:
         record = {"step": state.global_step, **evaluate(loss_module, task, data, eval_items, model, accelerator,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from tunelab.models import ModelLoading
 
 # The one list of task names (config.py's `Task` literal and the CLI read it).
-TASKS = ("causal_lm", "classification")
+TASKS = ("causal_lm", "classification", "grpo")
 
 
 # --- what a task declares --------------------------------------------------------------------
@@ -106,6 +106,7 @@ class StepInfo:
     rank: int
     world: int
     device: torch.device
+    run_dir: Path | None = None  # the run folder, for what a task writes as it goes (GRPO's rollouts.jsonl)
 
 
 @dataclass
@@ -189,9 +190,9 @@ def collate_each(data: TaskData, items: list, model: torch.nn.Module, step: Step
 
 def task_module(name: str) -> Task:
     """The module implementing the task named in the config (`task:`); an unknown name is an error."""
-    from tunelab.tasks import causal_lm, classification
+    from tunelab.tasks import causal_lm, classification, grpo
 
-    modules = {"causal_lm": causal_lm, "classification": classification}
+    modules = {"causal_lm": causal_lm, "classification": classification, "grpo": grpo}
     if name not in modules:
         from tunelab.errors import ConfigError
 

@@ -60,7 +60,6 @@ class PromptData:
     eval: list[Prompt]
     tokenizer: object
     settings: object  # config.grpo
-    run_dir: Path | None = None
     stats: DataStats = field(default_factory=DataStats)
     zero_std_steps: int = 0  # consecutive training steps with >90% zero-std groups
     warned_clipped: bool = False
@@ -102,8 +101,7 @@ def build_data(config: RunConfig, tokenizer, *, say=console.print) -> PromptData
         train, evals = split_examples(train, eval_fraction=d.eval_fraction, seed=config.training.seed)
     if config.evaluation.limit is not None:
         evals = evals[: config.evaluation.limit]
-    run_dir = Path(config.output.dir) / config.output.name if config.output.name else None
-    return PromptData(train=list(train), eval=list(evals), tokenizer=tokenizer, settings=g, run_dir=run_dir, stats=stats)
+    return PromptData(train=list(train), eval=list(evals), tokenizer=tokenizer, settings=g, stats=stats)
 
 
 # --- rollouts ------------------------------------------------------------------------------------
@@ -233,9 +231,9 @@ def log_rollouts(data: PromptData, step: StepInfo, samples: list[dict]) -> None:
     """Every `grpo.log_completions_steps` steps, a few sampled completions with their rewards
     go to RUN/rollouts.jsonl (report.html and the UI's Runs tab show them)."""
     every = data.settings.log_completions_steps
-    if step.rank != 0 or data.run_dir is None or not every or (step.step + 1) % every:
+    if step.rank != 0 or step.run_dir is None or not every or (step.step + 1) % every:
         return
-    with open(data.run_dir / "rollouts.jsonl", "a", encoding="utf-8") as out:
+    with open(step.run_dir / "rollouts.jsonl", "a", encoding="utf-8") as out:
         for sample in samples:
             out.write(json.dumps({"step": step.step + 1, **sample}, ensure_ascii=False) + "\n")
 
@@ -293,10 +291,22 @@ def run_meta(data: PromptData) -> dict:  # noqa: ARG001
     return {"prompt_format": "chat"}
 
 
-def final_scores(model, data: PromptData, *, config: RunConfig, tokenizer, run_dir: Path, device, say=print) -> dict:
-    """The configured generation metrics (e.g. exact_match) on the eval data, as for SFT runs."""
-    return causal_lm.final_scores(model, data, config=config, tokenizer=tokenizer, run_dir=run_dir, device=device,
-                                  say=say) if config.evaluation.metrics else {}
+def final_scores(model, data: PromptData, *, config: RunConfig, tokenizer, run_dir: Path, device, say=print) -> dict:  # noqa: ARG001
+    """The configured generation metrics (e.g. exact_match) on the eval data, as for SFT runs
+    (`evaluation.metrics`; saved under run_dir/eval/ and merged into eval.json)."""
+    from tunelab.config import GENERATION_METRICS
+    from tunelab.evaluate import evaluate_after_training
+
+    d, ev = config.data, config.evaluation
+    if not any(m in GENERATION_METRICS for m in ev.metrics):
+        return {}
+    evaluate_after_training(
+        model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+        answer_regex=ev.answer_regex, limit=ev.limit, source=d.eval or (d.train if d.eval_split else None),
+        split=d.eval_split or d.split, fmt=d.format, fields=d.fields.model_dump() if d.fields else None,
+        prompt_format="chat", say=say,
+    )
+    return {}
 
 
 ZERO_STD_PATIENCE = 20  # steps in a row with >90% zero-std groups before warning (TRL users' rule of thumb)
