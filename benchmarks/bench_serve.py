@@ -49,9 +49,9 @@ PROMPTS = [
 class ServerProcess:
     """`tunelab serve` in a subprocess on a free port; `ready()` waits until it answers."""
 
-    def __init__(self, model: str, *options: str):
+    def __init__(self, model: str, threads: int, *options: str):
         command = [sys.executable, "-m", "tunelab", "serve", model, "--port", "0", "--api-key", KEY, "--dtype", "fp32",
-                   "--device", "cpu", "--requests-per-minute", "0", *options]
+                   "--device", "cpu", "--requests-per-minute", "0", "--threads", str(threads), *options]
         self.options = options
         self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
     parser.add_argument("--requests", type=int, default=16, help="requests per level (spread over the clients)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per server (1: the two servers and the clients do not oversubscribe a small CPU)")
     parser.add_argument("--load-clients", type=int, default=20, help="clients of the load test (0: skip it)")
     parser.add_argument("--llama-server", default=shutil.which("llama-server"), help="llama-server binary [default: on PATH]")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -169,9 +171,9 @@ def main() -> None:
     batch = max(levels)
 
     print(f"Serving: {args.model}, {args.requests} requests per level x {args.max_tokens} new tokens (greedy, streamed); "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
-    batched = ServerProcess(args.model, "--max-batch-size", str(batch), "--max-queue", str(args.requests))
-    sequential = ServerProcess(args.model, "--max-batch-size", "1", "--max-queue", str(args.requests))
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s) per server", flush=True)
+    batched = ServerProcess(args.model, args.threads, "--max-batch-size", str(batch), "--max-queue", str(args.requests))
+    sequential = ServerProcess(args.model, args.threads, "--max-batch-size", "1", "--max-queue", str(args.requests))
     batched.ready(), sequential.ready()  # both load at once
     servers = {"batched": batched, "one-at-a-time": sequential}
     rows = []
@@ -205,7 +207,7 @@ def main() -> None:
 
     load = None
     if args.load_clients:
-        server = ServerProcess(args.model, "--max-batch-size", "8", "--max-queue", "4").ready()
+        server = ServerProcess(args.model, args.threads, "--max-batch-size", "8", "--max-queue", "4").ready()
         try:
             lengths = [8 + (i * 37) % (2 * args.max_tokens) for i in range(args.load_clients)]  # mixed: 8 .. 2 x max tokens
             load = measure(server.url, server.model, args.load_clients, args.load_clients, args.max_tokens, lengths)
