@@ -18,6 +18,7 @@ is lost, the server is still up afterwards.
     python benchmarks/bench_serve.py                      # bundled model, 1/4/8/16 clients, 64 tokens
     python benchmarks/bench_serve.py --model runs/NAME --clients 1,8 --requests 8
     python benchmarks/bench_serve.py --json serve.json
+    python benchmarks/bench_serve.py --requests 4 --max-tokens 32   # a busy 2-core machine: 4, 4, 8, 16 requests
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ PROMPTS = [
 class ServerProcess:
     """`tunelab serve` in a subprocess on a free port; `ready()` waits until it answers."""
 
-    def __init__(self, model: str, *options: str):
+    def __init__(self, model: str, threads: int, *options: str):
         command = [sys.executable, "-m", "tunelab", "serve", model, "--port", "0", "--api-key", KEY, "--dtype", "fp32",
-                   "--device", "cpu", "--requests-per-minute", "0", *options]
+                   "--device", "cpu", "--requests-per-minute", "0", "--threads", str(threads), *options]
         self.options = options
         self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -159,8 +160,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="run folder / model dir / .gguf / 'default' (bundled)")
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=16, help="requests per level (spread over the clients)")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="requests per level, at least one per client (spread over the clients)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per server (1: the two servers and the clients do not oversubscribe a small CPU)")
     parser.add_argument("--load-clients", type=int, default=20, help="clients of the load test (0: skip it)")
     parser.add_argument("--llama-server", default=shutil.which("llama-server"), help="llama-server binary [default: on PATH]")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -168,10 +172,11 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     batch = max(levels)
 
-    print(f"Serving: {args.model}, {args.requests} requests per level x {args.max_tokens} new tokens (greedy, streamed); "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
-    batched = ServerProcess(args.model, "--max-batch-size", str(batch), "--max-queue", str(args.requests))
-    sequential = ServerProcess(args.model, "--max-batch-size", "1", "--max-queue", str(args.requests))
+    print(f"Serving: {args.model}, max({args.requests}, clients) requests per level x {args.max_tokens} new tokens (greedy, streamed); "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s) per server", flush=True)
+    queue = str(max(args.requests, batch))
+    batched = ServerProcess(args.model, args.threads, "--max-batch-size", str(batch), "--max-queue", queue)
+    sequential = ServerProcess(args.model, args.threads, "--max-batch-size", "1", "--max-queue", queue)
     batched.ready(), sequential.ready()  # both load at once
     servers = {"batched": batched, "one-at-a-time": sequential}
     rows = []
@@ -179,7 +184,8 @@ def main() -> None:
         measure(batched.url, batched.model, 2, 2, 4)  # warm-up: first-call allocations in both servers
         measure(sequential.url, sequential.model, 2, 2, 4)
         for clients in levels:
-            result = {name: measure(s.url, s.model, clients, args.requests, args.max_tokens) for name, s in servers.items()}
+            requests = max(args.requests, clients)
+            result = {name: measure(s.url, s.model, clients, requests, args.max_tokens) for name, s in servers.items()}
             ratio = result["batched"]["tokens_per_s"] / max(result["one-at-a-time"]["tokens_per_s"], 1e-9)
             rows.append({"clients": clients, **{name: r for name, r in result.items()}, "speedup": round(ratio, 2)})
             print(f"  {clients:>2} clients: batched {result['batched']['tokens_per_s']:7.1f} tok/s "
@@ -196,7 +202,7 @@ def main() -> None:
         for clients in levels:
             server = LlamaServer(args.llama_server, gguf, clients)
             try:
-                llama_rows.append(measure(server.url, server.model, clients, args.requests, args.max_tokens))
+                llama_rows.append(measure(server.url, server.model, clients, max(args.requests, clients), args.max_tokens))
             finally:
                 server.stop()
             print(f"  {clients:>2} clients: llama-server ({gguf.name}) {llama_rows[-1]['tokens_per_s']:7.1f} tok/s", flush=True)
@@ -205,7 +211,7 @@ def main() -> None:
 
     load = None
     if args.load_clients:
-        server = ServerProcess(args.model, "--max-batch-size", "8", "--max-queue", "4").ready()
+        server = ServerProcess(args.model, args.threads, "--max-batch-size", "8", "--max-queue", "4").ready()
         try:
             lengths = [8 + (i * 37) % (2 * args.max_tokens) for i in range(args.load_clients)]  # mixed: 8 .. 2 x max tokens
             load = measure(server.url, server.model, args.load_clients, args.load_clients, args.max_tokens, lengths)
