@@ -41,6 +41,7 @@ from tunelab.console import console
 from tunelab.errors import TrainingInterrupted, TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
+from tunelab.runlock import RunLock, describe_holder
 from tunelab.stopping import StopRequest, resume_command
 from tunelab.tasks import StepInfo, task_module
 
@@ -600,7 +601,22 @@ def train(
     baseline) with the task's selection metric (`task.SELECT`: eval_loss for causal LM and
     classification); HPO uses it to report to the pruner. An exception it raises stops the
     run there and propagates (the run folder keeps what was written so far, no final/).
+    The run folder is locked for the whole training (tunelab/runlock.py): a second training
+    into it stops at once with an error naming the first. Under a launcher only global rank
+    0 holds the lock (a failure there ends the launch).
     """
+    run_dir = Path(config.output.dir) / run_name(config, config_path)
+    lock = RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    with lock or contextlib.nullcontext():
+        if lock is not None and lock.took_over and not quiet:
+            console.print(f"[yellow]took over a stale lock[/] of {run_dir}: {describe_holder(lock.took_over)} is gone",
+                          highlight=False)
+        return _train(config, config_path=config_path, quiet=quiet, on_eval=on_eval)
+
+
+def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
+           on_eval: Callable[[int, float], None] | None) -> TrainResult:
+    """`train` inside the run folder's lock: setup -> loop -> save."""
     from tunelab.models import count_parameters
 
     # ---- setup: run folder, precision, tokenizer, data, model, plan --------------------------------
