@@ -41,7 +41,7 @@ def peak_rss_mb() -> float:
 def test_accuracy(model, tokenizer, test_file: Path, labels: list[str], max_length: int) -> dict:
     """The shared scorer: accuracy, macro F1 and the majority baseline on the held-out file."""
     from tunelab.metrics import classification_scores
-    from tunelab.tasks.classification import read_inputs, predict_probabilities
+    from tunelab.predict import predict_probabilities, read_inputs
 
     _, rows, _ = read_inputs(str(test_file), tokenizer, labels=labels, fields={}, max_length=max_length, need_label=True)
     probabilities = predict_probabilities(model, rows, tokenizer.pad_token_id, batch_size=64)

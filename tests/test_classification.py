@@ -20,13 +20,9 @@ from tunelab.config import load_config
 from tunelab.data.synthetic import classification_records
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.metrics import classification_scores
-from tunelab.tasks.classification import (
-    ClassificationLoss,
-    build_classification_data,
-    classifier_model_dir,
-    load_classifier_run,
-    predict_probabilities,
-)
+from tunelab.data.labelled import build_classification_data
+from tunelab.predict import load_classifier_run, predict_probabilities
+from tunelab.tasks.classification import ClassificationLoss, classifier_model_dir
 from tunelab.train import accumulate_gradients, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -217,7 +217,8 @@ def data_validate(
     if task == "classification":
         from rich.console import Group
 
-        from tunelab.tasks.classification import render_class_balance, resolve_source, validate_classification_data
+        from tunelab.data.labelled import render_class_balance, validate_classification_data
+        from tunelab.tasks.classification import resolve_source
 
         fields = {"text": text_field, "pair": text_pair_field, "label": label_field}
         report, balance, found = validate_classification_data(
@@ -307,7 +308,8 @@ def eval_command(
     """
     from tunelab.compare import differences_table
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
-    from tunelab.tasks.classification import evaluate_classifiers, is_classifier, scores_tables
+    from tunelab.models import is_classifier
+    from tunelab.predict import evaluate_classifiers, scores_tables
 
     sources = [*(sources or []), *(model_path or [])]
     if not sources or not data:
@@ -404,7 +406,7 @@ def predict(
     import json
 
     from tunelab.generate import write_jsonl_atomic
-    from tunelab.tasks.classification import predict_file
+    from tunelab.predict import predict_file
 
     fields = {"text": text_field, "pair": text_pair_field, "label": None}
     rows = predict_file(run, input_file, fields=fields, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, split=split)

@@ -148,7 +148,7 @@ def reply_ids_and_labels(tokenizer, example: EvalExample, *, max_tokens: int, co
     prompt are context, not targets. Over-long examples keep their last `max_tokens`.
     """
     from tunelab.data.render import conversation_ids_and_mask, text_ids
-    from tunelab.data.sources import Location
+    from tunelab.data.records import Location
     from tunelab.generate import encode_text, has_chat_template, render_prompt
 
     if example.plain_text:  # every token is a target, as in training; over-long text keeps its start
@@ -173,14 +173,10 @@ def reply_ids_and_labels(tokenizer, example: EvalExample, *, max_tokens: int, co
 
 def right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) padded on the right; padding is never a target."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor(row_labels)
+    from tunelab.data.packing import right_pad as pad
+
+    input_ids, attention_mask = pad([ids for ids, _ in rows], pad_id)
+    labels, _ = pad([row_labels for _, row_labels in rows], IGNORE_INDEX)
     return input_ids, attention_mask, labels
 
 

@@ -380,12 +380,35 @@ def write_model_meta(
     (directory / RUN_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def read_model_meta(weights_dir: Path | None) -> dict:
+    """The tunelab_model.json of saved weights (base_model, method, the task's facts), or {} for
+    weights tunelab did not save. The one reader of that file."""
+    path = weights_dir / RUN_META_FILE if weights_dir is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def adapter_base_name(weights_dir: Path) -> str:
+    """The base model an adapter was trained on, as the run named it (else as peft recorded it)."""
+    meta = read_model_meta(weights_dir)
+    if "base_model" in meta:
+        return meta["base_model"]
+    return json.loads((weights_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def is_classifier(source: str | None) -> bool:
+    """True for a run folder / checkpoint / directory that tunelab saved as a classifier."""
+    if source is None or not Path(source).expanduser().is_dir():
+        return False
+    try:
+        weights_dir = resolve_weights_dir(source)
+    except TunelabError:
+        return False
+    return read_model_meta(weights_dir).get("task") == "classification"
+
+
 def trained_prompt_format(weights_dir: Path | None) -> str:
     """"text" for weights trained on plain text, else "chat" (also for models tunelab did not train)."""
-    meta_path = weights_dir / RUN_META_FILE if weights_dir is not None else None
-    if meta_path is None or not meta_path.is_file():
-        return "chat"
-    return json.loads(meta_path.read_text()).get("prompt_format", "chat")
+    return read_model_meta(weights_dir).get("prompt_format", "chat")
 
 
 def resolve_weights_dir(source: str) -> Path | None:
@@ -435,28 +458,26 @@ def load_for_inference(
     template for any model; True keeps it.
     """
     if source not in (None, DEFAULT_MODEL):
-        from tunelab.export.onnx_runtime import is_onnx_export, load_onnx_for_inference
+        from tunelab.export.onnx_runtime import is_onnx_export, load_onnx_model
 
-        if is_onnx_export(Path(source).expanduser()):  # `tunelab export --format onnx` folder: ONNX Runtime
-            return load_onnx_for_inference(Path(source).expanduser())
+        path = Path(source).expanduser()
+        if is_onnx_export(path):  # `tunelab export --format onnx` folder: ONNX Runtime, its saved tokenizer
+            model, tokenizer = load_onnx_model(path), load_tokenizer(str(path))
+            model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            return model, tokenizer
     torch_device = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, torch_device)
     weights_dir = resolve_weights_dir(source) if source not in (None, DEFAULT_MODEL) else None
-    meta_file = weights_dir / RUN_META_FILE if weights_dir is not None else None
-    if meta_file is not None and meta_file.is_file() and json.loads(meta_file.read_text()).get("task") == "classification":
+    if read_model_meta(weights_dir).get("task") == "classification":
         raise TunelabError(
             f"'{source}' is a classifier (task: classification), not a language model\n"
-            "  fix: use `tunelab predict` / `tunelab eval`, or tunelab.tasks.classification.load_classifier_run"
+            "  fix: use `tunelab predict` / `tunelab eval`, or tunelab.predict.load_classifier_run"
         )
     if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        meta_path = weights_dir / RUN_META_FILE
-        if meta_path.is_file():
-            base_name = json.loads(meta_path.read_text())["base_model"]
-        else:
-            base_name = json.loads((weights_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base_source = resolve_model_source(base_name)
+        base_source = resolve_model_source(adapter_base_name(weights_dir))
         has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)

@@ -30,9 +30,10 @@ SAMPLES_PER_DATASET = 5
 SAMPLE_CHARS = 600  # longer prompts/answers are shortened in the report
 # Plots: (title, y label, [(metrics key, legend label)], log scale?)
 PLOTS = (
-    ("Loss", "loss (nats / target token)", [("loss", "train"), ("eval_loss", "eval")], False),
+    ("Loss", "loss (mean per target: token or example)", [("loss", "train"), ("eval_loss", "eval")], False),
     ("Learning rate", "learning rate", [("lr", "lr")], False),
-    ("Throughput", "tokens / s", [("tokens_per_s", "tokens/s")], False),
+    # What a task counts (its UNITS): target tokens for causal LM, examples for classification.
+    ("Throughput", "targets / s", [("tokens_per_s", "tokens/s"), ("examples_per_s", "examples/s")], False),
     ("Gradient norm", "grad norm (before clipping)", [("grad_norm", "grad norm")], True),
 )
 # Score keys shown in evaluation tables, in order, with their formats.
@@ -298,9 +299,10 @@ def training_summary(records: Sequence[dict], summary: dict, bad_lines: int) -> 
         elapsed = [r["time"] for r in train if isinstance(r.get("time"), (int, float))]
         if elapsed:
             derived["training time (s)"] = round(max(elapsed), 1)
-        rates = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
-        if rates:
-            derived["mean tokens/s"] = round(sum(rates) / len(rates), 1)
+        for unit in ("tokens", "examples"):
+            rates = [r[f"{unit}_per_s"] for r in train if isinstance(r.get(f"{unit}_per_s"), (int, float))]
+            if rates:
+                derived[f"mean {unit}/s"] = round(sum(rates) / len(rates), 1)
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])
         derived["best eval loss"] = best["eval_loss"]

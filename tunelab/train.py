@@ -616,7 +616,7 @@ def train(
 
 def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
            on_eval: Callable[[int, float], None] | None) -> TrainResult:
-    """`train` inside the run folder's lock."""
+    """`train` inside the run folder's lock: setup -> loop -> save."""
     from tunelab.models import count_parameters
 
     # ---- setup: run folder, precision, tokenizer, data, model, plan --------------------------------

@@ -43,7 +43,8 @@ from tunelab.data.render import (
     tokenize_example,
     tokenize_examples,
 )
-from tunelab.data.sources import DataStats, Location, Record, read_source
+from tunelab.data.records import DataStats, Location, Record
+from tunelab.data.sources import read_source
 
 __all__ = [
     "FALLBACK_TEMPLATES",

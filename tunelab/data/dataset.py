@@ -15,7 +15,7 @@ import torch
 from tunelab.data.packing import Batch, collate, plan_batches
 from tunelab.data.pipeline import load_tokenized, split_examples
 from tunelab.data.render import TokenizedExample
-from tunelab.data.sources import DataStats
+from tunelab.data.records import DataStats
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.data.sources import DataStats, Location, Record
+from tunelab.data.records import DataStats, Location, Record
 from tunelab.errors import DataError, TunelabError
 
 FORMATS: tuple[str, ...] = ("text", "alpaca", "dolly", "chat", "sharegpt", "qa", "custom", "preference", "kto")

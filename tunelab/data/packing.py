@@ -120,16 +120,13 @@ def collate(
     width = max(sum(len(example) for example in row) for row in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    if not packed:
+        examples = [example for (example,) in rows]
+        input_ids, attention_mask = right_pad([x.input_ids for x in examples], pad_id, width=width)
+        labels, _ = right_pad([x.labels for x in examples], IGNORE_INDEX, width=width)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    if not packed:
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (example,) in enumerate(rows):
-            n = len(example)
-            input_ids[r, :n] = torch.tensor(example.input_ids)
-            labels[r, :n] = torch.tensor(example.labels)
-            attention_mask[r, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
@@ -142,3 +139,20 @@ def collate(
             start += n
         position_ids[r, start:] = torch.arange(width - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def right_pad(rows: Sequence[Sequence[int]], fill: int, *, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one (rows x width) long tensor padded on the right with `fill`, and its
+    attention mask (1 on real positions). The one right-padding collator: training batches
+    (causal LM, classification, preference), and teacher-forced scoring in evaluate.py.
+
+    Padding is decided by position, never by comparing ids with a pad id (the pad id may also
+    be the EOS id, which is a target). `width` defaults to the longest row.
+    """
+    width = max((len(row) for row in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask

@@ -18,7 +18,8 @@ from rich.text import Text
 
 from tunelab.data.formats import FieldMap, detect_file_formats, normalise, remove_duplicates
 from tunelab.data.render import TokenizedExample, Truncation, filter_by_length, tokenize_examples
-from tunelab.data.sources import DataStats, TextSplit, read_source
+from tunelab.data.records import DataStats
+from tunelab.data.sources import TextSplit, read_source
 from tunelab.errors import TunelabError
 
 T = TypeVar("T")

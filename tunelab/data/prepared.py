@@ -20,7 +20,7 @@ from typing import Any
 
 from tunelab.data.dataset import TrainingData
 from tunelab.data.render import TokenizedExample
-from tunelab.data.sources import DataStats, Location
+from tunelab.data.records import DataStats, Location
 
 MANIFEST = "manifest.json"
 

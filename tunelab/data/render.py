@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tunelab.data.formats import Example
-from tunelab.data.sources import DataStats, Location
+from tunelab.data.records import DataStats, Location
 from tunelab.errors import DataError, TunelabError
 
 IGNORE_INDEX = -100

@@ -125,7 +125,7 @@ def export_model(
         raise TunelabError(f"--quantize is for gguf ({', '.join(gguf_format.TYPES)}) and onnx (int8), not --format {fmt}")
     if adapter_only and fmt != "hf":
         raise TunelabError("--adapter-only goes with --format hf")
-    from tunelab.tasks.classification import is_classifier
+    from tunelab.models import is_classifier
 
     if is_classifier(source):
         from tunelab.export.classifier import check_format
@@ -201,7 +201,7 @@ def _load(source: str):
     """Any source as one merged fp32 model (`export.merge.Source`); classifier runs by their own loader."""
     from tunelab.export.classifier import load_classifier_source
     from tunelab.export.merge import load_source
-    from tunelab.tasks.classification import is_classifier
+    from tunelab.models import is_classifier
 
     return load_classifier_source(source) if is_classifier(source) else load_source(source)
 

@@ -53,11 +53,11 @@ def load_classifier_source(source: str, *, trust_remote_code: bool = False) -> S
     An adapter run is loaded on its base classifier (a QLoRA run's base unquantized), its
     class logits measured, merged, and the merged logits checked against them.
     """
-    from tunelab.models import ModelLoading, load_tokenizer, resolve_weights_dir
-    from tunelab.tasks.classification import load_classifier, read_run_meta, resolve_source
+    from tunelab.models import ModelLoading, load_tokenizer, read_model_meta, resolve_weights_dir
+    from tunelab.tasks.classification import load_classifier, resolve_source
 
     weights_dir = resolve_weights_dir(source)
-    meta = read_run_meta(weights_dir)
+    meta = read_model_meta(weights_dir)
     labels, method = meta["labels"], meta.get("method", "full")
     tokenizer = load_tokenizer(str(weights_dir), trust_remote_code=trust_remote_code)
     prompts = verification_ids(tokenizer)

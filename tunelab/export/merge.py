@@ -72,10 +72,10 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
     """
     from tunelab.models import (
         DEFAULT_MODEL,
-        RUN_META_FILE,
         ModelLoading,
         load_base_model,
         load_tokenizer,
+        read_model_meta,
         resolve_model_source,
         resolve_weights_dir,
     )
@@ -88,8 +88,7 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
     if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        meta_path = weights_dir / RUN_META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_model_meta(weights_dir)
         adapter_config = json.loads((weights_dir / "adapter_config.json").read_text())
         base_name = meta.get("base_model") or adapter_config.get("base_model_name_or_path")
         method = meta.get("method") or ("dora" if adapter_config.get("use_dora") else "lora")

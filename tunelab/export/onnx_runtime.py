@@ -153,16 +153,10 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.clip(mask.cumsum(axis=1) - 1, 0, None).astype(np.int64)
 
 
-def load_onnx_for_inference(directory: Path):
-    """(OnnxCausalLM, tokenizer) of an ONNX export folder; the tokenizer and template saved with it."""
-    from tunelab.models import end_of_turn_ids, load_tokenizer
-
+def load_onnx_model(directory: Path) -> OnnxCausalLM:
+    """An ONNX export folder's model on ONNX Runtime (`models.load_for_inference` adds its tokenizer)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise TunelabError("running an ONNX export needs ONNX Runtime\n  fix: pip install onnxruntime") from None
-    model = OnnxCausalLM(directory)
-    tokenizer = load_tokenizer(str(directory))
-    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return OnnxCausalLM(directory)

@@ -10,7 +10,6 @@ adapters, and the engines take turns step by step instead of serving requests on
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -168,12 +167,9 @@ def adapter_weights(run: str, where: str) -> Path:
 
 def adapter_base(weights: Path) -> str:
     """The base model an adapter was trained on, as the run named it."""
-    from tunelab.models import RUN_META_FILE
+    from tunelab.models import adapter_base_name
 
-    meta = weights / RUN_META_FILE
-    if meta.is_file():
-        return json.loads(meta.read_text())["base_model"]
-    return json.loads((weights / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return adapter_base_name(weights)
 
 
 def adapter_tokenizer(weights: Path, base_tokenizer, model, name: str):

@@ -220,7 +220,7 @@ class ModelCache:
 def model_choices(workspace: Workspace) -> list[tuple[str, str]]:
     """(label, value) pairs: the bundled model, then every finished language-model run (with
     final/); classifier runs do not chat, they are listed under Runs only."""
-    from tunelab.tasks.classification import is_classifier
+    from tunelab.models import is_classifier
 
     choices = [("default (bundled SmolLM2-135M-Instruct)", DEFAULT_SOURCE)]
     for run in run_folders(workspace.runs_dir):
