@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tiny_llama
 from tunelab.cli import app
 from tunelab.errors import TunelabError
 from tunelab.evaluate import (
@@ -37,45 +36,6 @@ def qa_file(tmp_path_factory) -> Path:
     """Three GSM8K-style records whose answers are 4, 4 and 7."""
     path = tmp_path_factory.mktemp("data") / "sums.jsonl"
     path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def answer_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama trained for a few seconds to answer every question with "#### 4" and stop.
-
-    It gets 2 of the 3 `qa_file` questions right, so exact match must come out as 2/3.
-    """
-    torch.manual_seed(0)
-    model = make_tiny_llama(seed=1)
-    rows = []
-    for question in ("What is 1 plus 3?", "Add 2 and 2.", "What is 0 plus 4?", "How many legs has a dog?"):
-        prompt = [{"role": "user", "content": question}]
-        prompt_len = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "#### 4"}], tokenize=True, return_dict=True)["input_ids"]
-        rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [2] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    # Project only the positions that predict a target onto the 49k vocabulary: same loss, much faster.
-    predicts_target = labels[:, 1:] != -100
-    targets = labels[:, 1:][predicts_target]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    # One thread: on a small shared CPU, torch's second OpenMP thread waits on a busy core and
-    # makes this tiny loop tens of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(30):
-            hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1][predicts_target]
-            torch.nn.functional.cross_entropy(model.lm_head(hidden), targets).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("answer-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 

@@ -341,6 +341,41 @@ def eval_command(
         out.print(samples_table(results, shown))
 
 
+@app.command()
+def bench(
+    source: Annotated[Optional[str], typer.Argument(help="Run folder, checkpoint, adapter or merged model dir, hub id, or 'default'.", show_default=False)] = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval tasks: gsm8k, arc_easy, arc_challenge, hellaswag, piqa, mmlu, ... (local files: gsm8k, qa with --data).")] = "gsm8k",
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="TASK=PATH: a local JSONL (or folder with test.jsonl; train.jsonl beside it gives few-shot examples) for gsm8k or qa (repeatable).", show_default=False)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per prompt [default: the task's own, gsm8k 5].", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N examples of each task. The error bar grows as 1/sqrt(N): N=100 gives about ±5 points at 50%, full GSM8K (1,319) ±0.7 at 7%.", show_default=False)] = None,
+    chat_template: Annotated[str, typer.Option("--chat-template", help="auto (as the run was trained), on or off.")] = "auto",
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also run this model (e.g. the base) under identical settings and report the paired difference.", show_default=False)] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Show published model-card scores: smollm2-135m-instruct, smollm2-360m-instruct, qwen2.5-0.5b-instruct.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests per forward pass / generate call.")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Most tokens generated per answer [default: the task's, 256].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Results folder [default: RUN/bench; ./bench-results/<model> for other models].")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    download: Annotated[bool, typer.Option("--download", help="Let hub tasks download their data sets (otherwise only the local cache is read).")] = False,
+) -> None:
+    """Public benchmarks through EleutherAI's lm-evaluation-harness, in process (pip install 'tunelab[bench]').
+
+    Writes bench.json (every filter's score with its standard error and 95% interval, lm-eval and
+    task versions, n-shot, chat-template flag, generation settings, seed), lm_eval_results.json
+    and per-sample logs samples_<task>.jsonl. Offline unless --download.
+    """
+    from tunelab.bench import bench_tables, parse_task_data, parse_tasks, run_bench
+
+    result, base = run_bench(
+        source, tasks=parse_tasks(tasks), data=parse_task_data(data or []), num_fewshot=num_fewshot, limit=limit,
+        chat_template=chat_template, baseline=baseline, compare=compare, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, output=output, dtype=dtype, device=device, download=download,
+    )
+    out = console if console.is_terminal else Console(width=200)
+    for table in bench_tables(result, base):
+        out.print(table)
+
+
 
 @app.command()
 def generate(
