@@ -96,7 +96,9 @@ def default_text(field) -> str:
     value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(section)"
-    return "`" + json.dumps(value if not isinstance(value, tuple) else list(value)) + "`"
+    from pydantic_core import to_jsonable_python  # lists of sub-models (grpo.rewards) as plain JSON
+
+    return "`" + json.dumps(to_jsonable_python(value)) + "`"
 
 
 def cell(text: str) -> str:
