@@ -177,7 +177,7 @@ def test_classifier_run_folder_holds_exactly_the_documented_files(tiny_bert_dir,
     assert {p.name for p in (run_dir / "checkpoints" / "step-2").iterdir()} == CHECKPOINT_FILES
     summary = json.loads((run_dir / "eval.json").read_text())
     assert {"accuracy", "macro_f1", "classification", "eval_loss"} <= summary.keys()
-    assert summary["train_tokens"] == 4 * 16  # a classifier's targets are its examples
+    assert summary["train_examples"] == 4 * 16 and "train_tokens" not in summary  # a classifier counts examples
     report = (run_dir / "report.html").read_text()
     assert "<h2>Classification</h2>" in report and 'alt="confusion matrix' in report
 
