@@ -163,6 +163,27 @@ def test_runs_table_and_open_run(client, workspace_dir):
     assert "/gradio_api/file=" in report and "report.html" in report
     with pytest.raises(Exception, match="not a run name"):
         client.predict("../etc", api_name="/open_run")
+    summary_loss = json.loads((workspace_dir / "runs" / "tiny" / "eval.json").read_text())["eval_loss"]
+    assert tiny["eval loss"] == round(summary_loss, 4) != summary_loss  # rounded for people
+
+
+def test_runs_tab_lists_hpo_trial_runs(client, workspace_dir):
+    import shutil
+
+    trial = workspace_dir / "runs" / "hpo" / "study" / "trial-0"
+    shutil.copytree(workspace_dir / "runs" / "tiny", trial)
+    try:
+        table, _ = client.predict(api_name="/runs")
+        rows = {row[0]: row for row in table["data"]}
+        assert rows["hpo/study/trial-0"][1] == "done"
+        loss, *_ = client.predict("hpo/study/trial-0", api_name="/open_run")
+        assert len([r for r in plot_rows(loss) if r["series"] == "train"]) == 4
+        models = client.predict(api_name="/models")
+        assert str(trial) in [choice[1] for choice in models["choices"]]
+        with pytest.raises(Exception, match="not a run name"):
+            client.predict("hpo/../..", api_name="/open_run")
+    finally:
+        shutil.rmtree(workspace_dir / "runs" / "hpo")
 
 
 def test_report_link_serves_the_report(client, live, workspace_dir):
