@@ -136,6 +136,22 @@ def test_stop_ends_a_reply_early(live, workspace_dir):
     assert len(tokenizer(texts[-1])["input_ids"]) <= 2 < len(tokenizer(full[-1])["input_ids"])
 
 
+def test_stop_endpoint_ends_only_that_sessions_reply(live, workspace_dir):
+    """Two browser sessions chat at once; /stop from one ends its reply, the other runs to its length."""
+    url, workspace, cache, _ = live
+    run = str(workspace_dir / "runs" / "tiny")
+    _, tokenizer = cache.get(workspace.model_source(run))
+    a, b = gradio_client.Client(url, verbose=False), gradio_client.Client(url, verbose=False)
+    job_a = a.submit(**chat_args("Count to a thousand.", run, 600), api_name="/chat")
+    job_b = b.submit(**chat_args("Count to a hundred.", run, 80), api_name="/chat")
+    wait_for(lambda: len(job_a.outputs()) >= 3, 120, "A's reply to stream")
+    a.predict(api_name="/stop")
+    reply_a = core.text_of(job_a.result(timeout=120)[0][-1]["content"])
+    reply_b = core.text_of(job_b.result(timeout=120)[0][-1]["content"])
+    assert len(tokenizer(reply_a)["input_ids"]) < 300, "A stopped early"
+    assert len(tokenizer(reply_b)["input_ids"]) >= 60, "B was not stopped by A's Stop"
+
+
 def test_compare_two_models_side_by_side(client, workspace_dir, tiny_model_dir):
     run = str(workspace_dir / "runs" / "tiny")
     a, b, c = client.predict("What is 3 + 4?", str(tiny_model_dir), run, "", "", 1.0, 10, api_name="/compare")
