@@ -183,6 +183,31 @@ def test_runs_table_and_open_run(client, workspace_dir):
     assert tiny["eval loss"] == round(summary_loss, 4) != summary_loss  # rounded for people
 
 
+def test_runs_tab_shows_evaluations_written_elsewhere(client, workspace_dir):
+    import shutil
+
+    from tunelab.evaluate import evaluate_sources
+
+    extra = workspace_dir / "data" / "extra.jsonl"
+    shutil.copy(workspace_dir / "data" / "test.jsonl", extra)
+    out = workspace_dir / "eval-results" / "mine"
+    try:  # as `tunelab eval runs/tiny --data data/extra.jsonl --output eval-results/mine`, run from the workspace
+        cwd = os.getcwd()
+        os.chdir(workspace_dir)
+        try:
+            evaluate_sources(["runs/tiny"], "data/extra.jsonl", metrics=["exact_match"], max_new_tokens=4, batch_size=4, output=str(out))
+        finally:
+            os.chdir(cwd)
+        assert not (workspace_dir / "runs" / "tiny" / "eval" / "extra").exists()
+        rows = {row[0]: row for row in client.predict(api_name="/runs")[0]["data"]}
+        assert "extra (mine): exact_match" in rows["tiny"][-1]
+        scores = client.predict("tiny", api_name="/open_run")[3]
+        assert "extra (mine)" in [row[0] for row in scores["data"]]
+    finally:
+        shutil.rmtree(workspace_dir / "eval-results", ignore_errors=True)
+        extra.unlink()
+
+
 def test_runs_tab_lists_hpo_trial_runs(client, workspace_dir):
     import shutil
 
