@@ -671,8 +671,11 @@ def test_browser_open_run_shows_plot(page):
     page.get_by_role("tab", name="Runs").click()
     page.locator("#run-name input").fill("tiny")
     page.keyboard.press("Enter")
+    # Before Open, the plot shows Gradio's empty placeholder, itself an SVG icon: wait for the
+    # curve's own marks instead (Vega's SVG renderer draws each line as g.mark-line > path).
+    assert page.locator("#run-loss g.mark-line path").count() == 0
     page.locator("#run-open").click()
-    page.locator("#run-loss canvas, #run-loss svg").first.wait_for(timeout=60_000)
+    page.locator("#run-loss g.mark-line path").first.wait_for(timeout=60_000)
     shot(page, "runs")
 
 
@@ -697,7 +700,7 @@ def test_browser_training_curve_moves(page, live, workspace_dir):
     page.wait_for_function("document.querySelector('#train-status textarea, #train-status input').value.includes('running')")
     run = workspace_dir / "runs" / "browser-run"
     wait_for(lambda: len(core.curves(run)[0]) >= 2, 120, "two logged steps")
-    page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
+    page.locator("#train-loss g.mark-line path").first.wait_for(timeout=30_000)  # a curve, not the placeholder
     first = page.locator("#train-loss").screenshot()
     wait_for(lambda: len(core.curves(run)[0]) >= 6, 120, "six logged steps")
     time.sleep(2.5)  # a few polls of the page
