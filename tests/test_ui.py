@@ -136,6 +136,22 @@ def test_stop_ends_a_reply_early(live, workspace_dir):
     assert len(tokenizer(texts[-1])["input_ids"]) <= 2 < len(tokenizer(full[-1])["input_ids"])
 
 
+def test_stop_endpoint_ends_only_that_sessions_reply(live, workspace_dir):
+    """Two browser sessions chat at once; /stop from one ends its reply, the other runs to its length."""
+    url, workspace, cache, _ = live
+    run = str(workspace_dir / "runs" / "tiny")
+    _, tokenizer = cache.get(workspace.model_source(run))
+    a, b = gradio_client.Client(url, verbose=False), gradio_client.Client(url, verbose=False)
+    job_a = a.submit(**chat_args("Count to a thousand.", run, 600), api_name="/chat")
+    job_b = b.submit(**chat_args("Count to a hundred.", run, 80), api_name="/chat")
+    wait_for(lambda: len(job_a.outputs()) >= 3, 120, "A's reply to stream")
+    a.predict(api_name="/stop")
+    reply_a = core.text_of(job_a.result(timeout=120)[0][-1]["content"])
+    reply_b = core.text_of(job_b.result(timeout=120)[0][-1]["content"])
+    assert len(tokenizer(reply_a)["input_ids"]) < 300, "A stopped early"
+    assert len(tokenizer(reply_b)["input_ids"]) >= 60, "B was not stopped by A's Stop"
+
+
 def test_compare_two_models_side_by_side(client, workspace_dir, tiny_model_dir):
     run = str(workspace_dir / "runs" / "tiny")
     a, b, c = client.predict("What is 3 + 4?", str(tiny_model_dir), run, "", "", 1.0, 10, api_name="/compare")
@@ -163,6 +179,52 @@ def test_runs_table_and_open_run(client, workspace_dir):
     assert "/gradio_api/file=" in report and "report.html" in report
     with pytest.raises(Exception, match="not a run name"):
         client.predict("../etc", api_name="/open_run")
+    summary_loss = json.loads((workspace_dir / "runs" / "tiny" / "eval.json").read_text())["eval_loss"]
+    assert tiny["eval loss"] == round(summary_loss, 4) != summary_loss  # rounded for people
+
+
+def test_runs_tab_shows_evaluations_written_elsewhere(client, workspace_dir):
+    import shutil
+
+    from tunelab.evaluate import evaluate_sources
+
+    extra = workspace_dir / "data" / "extra.jsonl"
+    shutil.copy(workspace_dir / "data" / "test.jsonl", extra)
+    out = workspace_dir / "eval-results" / "mine"
+    try:  # as `tunelab eval runs/tiny --data data/extra.jsonl --output eval-results/mine`, run from the workspace
+        cwd = os.getcwd()
+        os.chdir(workspace_dir)
+        try:
+            evaluate_sources(["runs/tiny"], "data/extra.jsonl", metrics=["exact_match"], max_new_tokens=4, batch_size=4, output=str(out))
+        finally:
+            os.chdir(cwd)
+        assert not (workspace_dir / "runs" / "tiny" / "eval" / "extra").exists()
+        rows = {row[0]: row for row in client.predict(api_name="/runs")[0]["data"]}
+        assert "extra (mine): exact_match" in rows["tiny"][-1]
+        scores = client.predict("tiny", api_name="/open_run")[3]
+        assert "extra (mine)" in [row[0] for row in scores["data"]]
+    finally:
+        shutil.rmtree(workspace_dir / "eval-results", ignore_errors=True)
+        extra.unlink()
+
+
+def test_runs_tab_lists_hpo_trial_runs(client, workspace_dir):
+    import shutil
+
+    trial = workspace_dir / "runs" / "hpo" / "study" / "trial-0"
+    shutil.copytree(workspace_dir / "runs" / "tiny", trial)
+    try:
+        table, _ = client.predict(api_name="/runs")
+        rows = {row[0]: row for row in table["data"]}
+        assert rows["hpo/study/trial-0"][1] == "done"
+        loss, *_ = client.predict("hpo/study/trial-0", api_name="/open_run")
+        assert len([r for r in plot_rows(loss) if r["series"] == "train"]) == 4
+        models = client.predict(api_name="/models")
+        assert str(trial) in [choice[1] for choice in models["choices"]]
+        with pytest.raises(Exception, match="not a run name"):
+            client.predict("hpo/../..", api_name="/open_run")
+    finally:
+        shutil.rmtree(workspace_dir / "runs" / "hpo")
 
 
 def test_report_link_serves_the_report(client, live, workspace_dir):
@@ -609,8 +671,11 @@ def test_browser_open_run_shows_plot(page):
     page.get_by_role("tab", name="Runs").click()
     page.locator("#run-name input").fill("tiny")
     page.keyboard.press("Enter")
+    # Before Open, the plot shows Gradio's empty placeholder, itself an SVG icon: wait for the
+    # curve's own marks instead (Vega's SVG renderer draws each line as g.mark-line > path).
+    assert page.locator("#run-loss g.mark-line path").count() == 0
     page.locator("#run-open").click()
-    page.locator("#run-loss canvas, #run-loss svg").first.wait_for(timeout=60_000)
+    page.locator("#run-loss g.mark-line path").first.wait_for(timeout=60_000)
     shot(page, "runs")
 
 
@@ -635,7 +700,7 @@ def test_browser_training_curve_moves(page, live, workspace_dir):
     page.wait_for_function("document.querySelector('#train-status textarea, #train-status input').value.includes('running')")
     run = workspace_dir / "runs" / "browser-run"
     wait_for(lambda: len(core.curves(run)[0]) >= 2, 120, "two logged steps")
-    page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
+    page.locator("#train-loss g.mark-line path").first.wait_for(timeout=30_000)  # a curve, not the placeholder
     first = page.locator("#train-loss").screenshot()
     wait_for(lambda: len(core.curves(run)[0]) >= 6, 120, "six logged steps")
     time.sleep(2.5)  # a few polls of the page

@@ -164,6 +164,11 @@ class TrainingConfig(Section):
     precision: Precision = Field("auto", description="Compute precision; auto = bf16 where supported, else fp16 (GPU) / fp32.")
     gradient_checkpointing: bool = False
     seed: int = 42
+    distributed_timeout_s: int = Field(
+        1800, ge=60,
+        description="Seconds a process waits in a collective for the others (several processes only): "
+                    "rank 0 writing a checkpoint or evaluating alone must finish within it. NCCL's default is 600.",
+    )
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; unset = at the end of each epoch.")
     save_steps: int | None = Field(

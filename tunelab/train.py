@@ -118,6 +118,8 @@ def plan_precision(precision: str, *, method: str, device: torch.device, weights
             )
         if compute == torch.float16:
             return PrecisionPlan(stored, compute, "fp16", f"fp16 autocast + loss scaling, {weights} weights")
+        if stored == torch.float16:  # fp16 weights compute in fp16 whatever the precision: gradients need the scaler
+            return PrecisionPlan(stored, torch.float16, "fp16", f"fp16 weights (model.dtype) + loss scaling ({precision} asked)")
         if compute == torch.float32 or stored != torch.float32:
             # Without autocast a layer computes in its weights' dtype.
             return PrecisionPlan(stored, stored, "no", f"{weights} weights (model.dtype)")
@@ -129,6 +131,24 @@ def plan_precision(precision: str, *, method: str, device: torch.device, weights
     if adapters:
         return PrecisionPlan(torch.bfloat16, compute, "no", "bf16 base weights, fp32 adapters")
     return PrecisionPlan(torch.float32, compute, "bf16", "bf16 autocast, fp32 weights")
+
+
+def bf16_rounding_warning(learning_rate: float) -> str:
+    """The start-up warning for pure-bf16 full fine-tuning, with its numbers.
+
+    bf16 keeps 8 significant bits: for 2^k <= |w| < 2^(k+1) its spacing is 2^(k-7), so w + u
+    rounds back to w when |u| is under half of that, 2^(k-8): always when |u| < |w|/512, and
+    up to |u| < |w|/256 in the lower part of each power of two. Adam's update is about the
+    learning rate per step, so every weight with |w| above 512 x lr never moves.
+    """
+    threshold = 512 * learning_rate
+    return (
+        f"warning: pure-bf16 full fine-tuning (model.dtype: bf16, method: full): bf16 rounds away an update smaller "
+        f"than |w|/512 (up to |w|/256), and Adam's updates are about training.learning_rate={learning_rate:g}, so "
+        f"every weight with |w| > {threshold:.2g} stays where it is (most of a model initialised at std 0.02).\n"
+        "  fix: model.dtype: auto (fp32 master weights under bf16 autocast: updates accumulate; 2x weight memory), "
+        "or a learning rate large enough for the weights to move"
+    )
 
 
 # --- the run folder ---------------------------------------------------------------------------
@@ -213,7 +233,8 @@ def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None
         raise TunelabError(f"checkpoint {checkpoint} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def fresh_accelerator(*, mixed_precision: str, log_with: list[str] | None, project_dir: str) -> Accelerator:
+def fresh_accelerator(*, mixed_precision: str, log_with: list[str] | None, project_dir: str,
+                      timeout_s: int = 1800) -> Accelerator:
     """An Accelerator for this run alone.
 
     Accelerate keeps its settings in process-wide singletons, so a second run in the same
@@ -225,7 +246,14 @@ def fresh_accelerator(*, mixed_precision: str, log_with: list[str] | None, proje
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     return Accelerator(
+        # How long a collective waits for a process doing solo work (rank 0 saving a checkpoint,
+        # the post-training evaluation) before the job is torn down; NCCL's default is 10 min.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
         # cpu=True on CPU-only machines lets `torchrun`/`accelerate launch` run several CPU processes (gloo).
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=mixed_precision,
@@ -250,9 +278,12 @@ class MetricsLog:
             write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def log(self, record: dict) -> None:
+        # An fp16 overflow step's gradient norm is inf: written as null, since strict JSON (jq,
+        # JavaScript, pandas' default reader) has no Infinity or NaN.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         if self.accelerator.is_main_process:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
@@ -628,23 +659,31 @@ def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
     resume = cfg_train.resume is True or (cfg_train.resume == "auto" and latest_checkpoint(run_dir / "checkpoints") is not None)
     config_yaml = config_to_yaml(config)
     check_run_dir(run_dir, config_yaml, resume=resume, overwrite=config.output.overwrite)
+    if resume and (done := finished_run(run_dir, units_key=task.UNITS.key)) is not None:
+        return done  # nothing to continue: do not retrain its tail
+
     if cfg_train.num_threads:
         torch.set_num_threads(cfg_train.num_threads)
     check_trackers_installed(config.logging.trackers)
     probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     precision = plan_precision(cfg_train.precision, method=config.method, device=probe_device, weights=cfg_model.dtype)
     accelerator = fresh_accelerator(mixed_precision=precision.mixed_precision, log_with=config.logging.trackers or None,
-                                    project_dir=str(run_dir))
+                                    project_dir=str(run_dir), timeout_s=cfg_train.distributed_timeout_s)
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # reuse activation memory step after step: no page-fault storm
     set_seed(cfg_train.seed)
     say = (lambda *a, **k: None) if quiet or not accelerator.is_main_process else console.print
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg_train.gradient_accumulation_steps
+    if config.method == "full" and precision.weights == torch.bfloat16 and precision.mixed_precision == "no":
+        say(f"[yellow]{bf16_rounding_warning(cfg_train.learning_rate)}[/]", highlight=False)
 
     source, tokenizer, added_tokens = load_run_tokenizer(config)
     data = task.build_data(config, tokenizer, say=say)  # before the model: a classifier's head size is its label count
     model = build_model(config, task, source, data=data, tokenizer=tokenizer, added_tokens=added_tokens,
                         precision=precision, device=accelerator.device)
+    # The same seed built the same initial weights on every process; from here each rank draws
+    # its own dropout masks (nanoGPT's seed + rank), else DDP averages one mask pattern `world` times.
+    torch.manual_seed(cfg_train.seed + rank)
     trainable, total = count_parameters(model)
     say(f"[bold]model[/] {cfg_model.name or f'default ({task.DEFAULT_MODEL})'}  method={config.method}  "
         f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)  precision: {precision.label}  "
@@ -859,6 +898,29 @@ def write_final(run_dir: Path, save_weights) -> None:
     tmp.mkdir()
     save_weights(tmp)
     publish_directory(tmp, run_dir / "final")
+
+
+def finished_run(run_dir: Path, *, units_key: str) -> TrainResult | None:
+    """The result of a run that already ended (final/ and eval.json, written last), read from its
+    folder; None when the run is unfinished. Resuming such a run returns this at once."""
+    summary_path = run_dir / "eval.json"
+    if not (run_dir / "final").is_dir() or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if "step" not in summary:  # an eval.json of `tunelab eval` only: not the trainer's summary
+        return None
+    console.print(f"[bold]{run_dir} is finished[/] (step {summary['step']}): nothing to resume; its model is in "
+                  f"{run_dir / 'final'} (--overwrite trains it again)", highlight=False)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    return TrainResult(
+        run_dir=run_dir, final_dir=run_dir / "final",
+        state=TrainState(global_step=summary["step"], targets_seen=summary.get(f"train_{units_key}", 0)),
+        eval_loss=summary.get("eval_loss"), train_loss=summary.get("train_loss"),
+        trainable_params=summary.get("trainable_params", 0), total_params=summary.get("total_params", 0),
+        targets_per_second=summary.get(f"{units_key}_per_second", 0.0), seconds=0.0,
+        history=history, eval={k: v for k, v in summary.items() if k.startswith("eval_")},
+    )
 
 
 def check_enough_batches(examples: int, batches_per_process: int, *, world: int, accum: int) -> None:

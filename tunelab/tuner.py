@@ -111,8 +111,12 @@ class FineTuner:
         return self.result
 
     def _trained(self) -> TrainResult:
-        if self.result is None or self.result.model is None:
+        if self.result is None or not self.result.final_dir.is_dir():
             raise TunelabError("this FineTuner has not been trained yet: call train(...) first")
+        if self.result.model is None:  # a finished run that train(resume) returned without training again
+            from tunelab.generate import load_for_generation
+
+            self.result.model, self.result.tokenizer = load_for_generation(str(self.result.final_dir))
         return self.result
 
     def save(self, path: str | Path) -> Path:
@@ -139,6 +143,13 @@ class FineTuner:
 
         if max_new_tokens is not None and max_length is not None:
             raise TunelabError("give max_new_tokens (generated tokens) or max_length (prompt + generated), not both")
+        from tunelab.tasks.classification import is_classifier
+
+        if self.result is not None and is_classifier(str(self.result.final_dir)):
+            raise TunelabError(
+                "this run is a classifier (task: classification): it labels text, it does not generate any.\n"
+                f"  fix: tunelab predict {self.result.run_dir} --input FILE (or FineTuner with task: causal_lm to generate)"
+            )
         result = self._trained()
         model, tokenizer = result.model, result.tokenizer
         model.eval()

@@ -311,6 +311,25 @@ def run_label(runs_dir: Path, run: Path) -> str:
     return run.relative_to(runs_dir).as_posix()
 
 
+def external_evaluations(workspace: Workspace, run: Path) -> dict[str, dict]:
+    """Scores of `run` written outside its folder by `tunelab eval --output DIR` under
+    ./eval-results (its default place): each scores.json names the model it measured."""
+    from tunelab.report import read_json
+
+    found: dict[str, dict] = {}
+    results = workspace.cwd / "eval-results"
+    if not results.is_dir():
+        return found
+    for path in sorted(results.glob("**/eval/*/scores.json")):
+        scores = read_json(path)
+        model = scores.get("model")
+        if isinstance(model, str) and model != "default":
+            measured = Path(model).expanduser()
+            if (measured if measured.is_absolute() else workspace.cwd / measured).resolve() == run.resolve():
+                found[f"{path.parent.name} ({path.parents[2].relative_to(results).as_posix()})"] = scores
+    return found
+
+
 def for_people(value):
     """A number as people read it in a table (4 decimals: eval loss 0.0514); others unchanged."""
     return round(value, 4) if isinstance(value, float) else value
@@ -343,6 +362,7 @@ def run_rows(workspace: Workspace, active: str | None = None) -> list[list]:
         config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
         records, _ = read_metrics(run / "metrics.jsonl")
         summary = read_json(run / "eval.json")
+        scores_by_data = {**evaluation_scores(run, summary), **external_evaluations(workspace, run)}
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]
         name = run_label(workspace.runs_dir, run)
@@ -362,7 +382,7 @@ def run_rows(workspace: Workspace, active: str | None = None) -> list[list]:
             train[-1]["step"] if train else 0,
             for_people(summary.get("train_loss", train[-1]["loss"] if train else None)),
             for_people(summary.get("eval_loss", evals[-1]["eval_loss"] if evals else None)),
-            _score_text(evaluation_scores(run, summary), summary),
+            _score_text(scores_by_data, summary),
         ])
     return rows
 
@@ -402,7 +422,7 @@ def run_details(workspace: Workspace, name: str) -> RunDetails:
         raise TunelabError(f"no run named {name!r} in {workspace.runs_dir}\n  fix: pick a run from the table (Refresh)")
     loss, lr = curves(run)
     summary = read_json(run / "eval.json")
-    scores_by_data = evaluation_scores(run, summary)
+    scores_by_data = {**evaluation_scores(run, summary), **external_evaluations(workspace, run)}
     keys = [c for c in SCORE_COLUMNS if any(s.get(c[0]) is not None for s in scores_by_data.values())]
     scores = [[data, *(format_value(s.get(key), spec) for key, _, spec in keys)] for data, s in scores_by_data.items()]
     samples = []
