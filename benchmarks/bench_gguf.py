@@ -41,7 +41,7 @@ def export(source: str, out: Path, quantize: str) -> dict:
     """One `tunelab export` in its own interpreter: the file, its verification and the process's peak RSS."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, source, str(out), quantize], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     if result.returncode != 0:
         raise SystemExit(f"export {quantize} failed:\n{result.stderr[-3000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - started}

@@ -181,7 +181,7 @@ def gguf_f32(lora_run, tmp_path_factory) -> tuple[Path, dict]:
 def test_gguf_in_llama_cpp_reproduces_the_run_and_tunelab_generate(gguf_f32, lora_run):
     from llama_cpp import Llama
 
-    from tunelab.generate import GenerationSettings, generate_for_prompts
+    from tunelab.generate import GenerationSettings, encode_prompt, generate_for_prompts, user_messages
 
     out, info = gguf_f32
     assert {p.name for p in out.iterdir()} == {"lora-F32.gguf", "Modelfile", *EXPORT_FILES}
@@ -195,12 +195,14 @@ def test_gguf_in_llama_cpp_reproduces_the_run_and_tunelab_generate(gguf_f32, lor
     # A llama-cpp-python user: the chat template inside the file, greedy; the same text as `tunelab generate`.
     prompts = ["What is 2 + 3?", "Name a color.", "Tom has 4 pens and buys 3 more. How many pens now?"]
     llm = Llama(model_path=str(out / "lora-F32.gguf"), n_ctx=512, verbose=False)
-    llama_texts = [llm.create_chat_completion([{"role": "user", "content": p}], temperature=0.0, max_tokens=12, repeat_penalty=1.0)
-                   ["choices"][0]["message"]["content"] for p in prompts]
+    replies = [llm.create_chat_completion([{"role": "user", "content": p}], temperature=0.0, max_tokens=12, repeat_penalty=1.0)
+               for p in prompts]
     llm.close()
     model, tokenizer = load_for_inference(str(lora_run), dtype="fp32", device="cpu")
     rows = generate_for_prompts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=12), batch_size=1)
-    assert llama_texts == [r["completion"] for r in rows]
+    # llama-cpp-python renders the file's template to the same prompt tokens, and continues it the same way.
+    assert [r["usage"]["prompt_tokens"] for r in replies] == [len(encode_prompt(tokenizer, user_messages(p))) for p in prompts]
+    assert [r["choices"][0]["message"]["content"].strip() for r in replies] == [r["completion"].strip() for r in rows]
     # Ollama: the run's ChatML as a Go template, SmolLM2's default system message, the end-of-turn stop.
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./lora-F32.gguf" in modelfile and "PARAMETER stop <|im_end|>" in modelfile
@@ -232,7 +234,14 @@ def wide_model_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def test_gguf_q4_k_m_is_made_and_verified_by_llama_cpp(wide_model_dir, tmp_path, monkeypatch, capsys):
+    from tunelab.export import verify
+
     _require_llama_cpp()
+    # A random model's next-token distribution is nearly flat (49,152 logits within a few tenths), so 4-bit
+    # weights flip its argmax and shift its perplexity at will: here the gates are opened and the numbers only
+    # recorded. The real-model test below gates Q4_K_M on SmolLM2 (top-1 >= 0.7, perplexity within 10% of f16).
+    monkeypatch.setitem(verify.AGREEMENT_TOLERANCE, "q4_k_m", 0.0)
+    monkeypatch.setitem(verify.PERPLEXITY_TOLERANCE, "q4_k_m", 100.0)
     code, stdout, stderr = _cli(monkeypatch, capsys, "export", str(wide_model_dir), "--format", "gguf", "-q", "q4_k_m",
                                 "-o", str(tmp_path / "q4"))
     assert code == 0, stderr[-3000:]
@@ -244,7 +253,8 @@ def test_gguf_q4_k_m_is_made_and_verified_by_llama_cpp(wide_model_dir, tmp_path,
     assert types["Q4_K"] >= 8 and types["Q6_K"] >= 1 and types["F32"] == 5
     numbers, f16 = info["verification"], info["verification_f16"]
     assert f16["max_rel_logit_diff"] < 2e-2 and f16["perplexity"]["ratio"] == pytest.approx(1.0, abs=0.01)
-    assert numbers["perplexity"]["ratio"] < 1.12 and numbers["top1_agreement"] >= 0.7 and numbers["tokenizer_identical"]
+    assert numbers["tokenizer_identical"] and 0 < numbers["top1_agreement"] <= 1 and numbers["perplexity"]["artifact"] > 1
+    assert numbers["tolerance"] == {"top1_agreement": 0.0} and numbers["verified_by"].startswith("llama.cpp")
     assert "perplexity" in stdout and "top-1 agreement" in stdout
 
 
