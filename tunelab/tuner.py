@@ -143,7 +143,7 @@ class FineTuner:
 
         if max_new_tokens is not None and max_length is not None:
             raise TunelabError("give max_new_tokens (generated tokens) or max_length (prompt + generated), not both")
-        from tunelab.tasks.classification import is_classifier
+        from tunelab.models import is_classifier
 
         if self.result is not None and is_classifier(str(self.result.final_dir)):
             raise TunelabError(

@@ -71,12 +71,12 @@ def load_classifier_source(source: str, *, trust_remote_code: bool = False) -> S
             saved_dtype=_stored_dtype(str(weights_dir)), weights_dir=weights_dir, run_config=_run_config_for(weights_dir),
             prompts=prompts, reference_logits=verify.all_logits(class_logits_fn(model), prompts), task="classification",
         )
-    from peft import PeftModel
+    from tunelab.models import load_adapter_on_base
 
     base_source = resolve_source(meta["base_model"])
     note = " (QLoRA: the base is loaded unquantized, the adapter is never folded into 4-bit weights)" if method == "qlora" else ""
     with status(f"Loading {meta['base_model']} in fp32 with the {method} adapter of {weights_dir}{note}"):
-        model = PeftModel.from_pretrained(load_classifier(base_source, **common), weights_dir).eval()
+        model = load_adapter_on_base(load_classifier(base_source, **common), tokenizer, weights_dir).eval()
     reference = verify.all_logits(class_logits_fn(model), prompts)
     with status(f"Merging the {method} adapter and the trained head into the base classifier"):
         model = model.merge_and_unload().eval()

@@ -18,6 +18,8 @@ from tunelab.export.merge import Source
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A 16-bit merge that keeps this share of the fine-tune or less (see verify.retention) gets a warning.
+RETENTION_WARNING = 0.5
 
 
 def write_merged(source: Source, directory: Path, dtype: torch.dtype) -> None:
@@ -55,14 +57,25 @@ def verify_directory(
 
     reloaded = (model_class or AutoModelForCausalLM).from_pretrained(directory, dtype=torch.float32)
     reloaded.eval()
-    numbers = verify.compare_logits(source.reference_logits, verify.all_logits(logits_fn(reloaded), source.prompts))
+    logits = verify.all_logits(logits_fn(reloaded), source.prompts)
+    del reloaded
+    numbers = verify.compare_logits(source.reference_logits, logits)
     verify.check_logits(numbers, dtype=DTYPE_NAMES[dtype], what=f"the saved model ({directory.name})")
+    if dtype != torch.float32 and source.base_logits is not None:
+        numbers["fine_tune_retained"] = verify.retention(source.reference_logits, logits, source.base_logits)
+        if numbers["fine_tune_retained"]["retention"] <= RETENTION_WARNING:
+            from tunelab.console import console
+
+            console.print(f"[yellow]warning[/] the {DTYPE_NAMES[dtype]} merge keeps only "
+                          f"{100 * numbers['fine_tune_retained']['retention']:.0f}% of the fine-tune (KL to the adapter model "
+                          "against the base's): rounding to 16 bits swallowed the update\n  fix: merge with --dtype fp32",
+                          highlight=False)
     return numbers
 
 
-def copy_adapter(source: Source, directory: Path) -> None:
+def copy_adapter(weights_dir: Path, directory: Path) -> None:
     """The adapter alone (+ tokenizer, chat template, tunelab_model.json naming its base)."""
-    for path in sorted(source.weights_dir.iterdir()):
+    for path in sorted(weights_dir.iterdir()):
         if path.is_file() and (path.name in ADAPTER_FILES or path.name.startswith(("tokenizer", "chat_template", "special_tokens"))
                                or path.name == "tunelab_model.json"):
             shutil.copy2(path, directory / path.name)

@@ -1,20 +1,22 @@
 """ONNX: `torch.onnx.export(dynamo=True)` of the merged model with KV-cache inputs and outputs.
 
 The graph takes `input_ids`, `attention_mask` (past + new positions), `position_ids` and one
-`past.N.key` / `past.N.value` per layer ([batch, kv_heads, past, head_dim]; past may be 0),
-and returns `logits` and `present.N.key` / `present.N.value`. Batch, sequence and past
-lengths are dynamic, so one graph serves the prompt (past = 0) and every later token (one
-new position per step): generation costs one token per step. `tunelab.export.onnx_runtime`
-runs it.
+`past_key_values.N.key` / `.value` per layer ([batch, kv_heads, past, head_dim]; past may be 0),
+and returns `logits` and `present.N.key` / `present.N.value`: the names onnxruntime-genai and
+optimum use. Batch, sequence and past lengths are dynamic, so one graph serves the prompt
+(past = 0) and every later token (one new position per step). `genai_config.json` beside it
+lets `onnxruntime_genai.Model(folder)` run it; `tunelab.export.onnx_runtime` runs it too.
 
-`--quantize int8` quantizes the verified fp32 graph's weights to int8 in blocks of 32
-(ONNX Runtime's MatMulNBits, int8 compute; the embedding stays fp32).
+`--quantize int8` / `int4` quantize the verified fp32 graph's weights in blocks of 32 (ONNX
+Runtime's MatMulNBits, a com.microsoft operator: such files run in ONNX Runtime only; int8
+compute, accuracy level 4; the embedding stays fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -24,13 +26,14 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.export import verify
 from tunelab.export.merge import Source
+from tunelab.export.onnx_runtime import MODEL_FILE, PAST_NAME, PRESENT_NAME
 
-MODEL_FILE = "model.onnx"
-QUANTIZATIONS = ("int8",)
+GENAI_CONFIG_FILE = "genai_config.json"
+QUANTIZATIONS = ("int8", "int4")
 # Above this many parameter bytes the graph's weights go to a side file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 OPSET = 18
-INT8_BLOCK = 32  # weights per int8 scale (as GGUF q8_0)
+WEIGHT_BLOCK = 32  # weights per scale (as GGUF q8_0 / q4_0)
 
 
 class CausalLMWithCache(torch.nn.Module):
@@ -63,11 +66,11 @@ def cache_shape(config) -> tuple[int, int, int]:
 
 
 def input_names(layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids"] + [PAST_NAME.format(layer=i, kv=kv) for i in range(layers) for kv in ("key", "value")]
 
 
 def output_names(layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["logits"] + [PRESENT_NAME.format(layer=i, kv=kv) for i in range(layers) for kv in ("key", "value")]
 
 
 def export_onnx(source: Source, path: Path) -> dict:
@@ -111,32 +114,92 @@ def export_onnx(source: Source, path: Path) -> dict:
     return {"opset": OPSET, "kv_cache": True, "external_data": external, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim}
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> dict:
-    """Weight-only int8 of every MatMul with constant weights, in blocks of 32 (ONNX Runtime's MatMulNBits).
+def quantize_weights(fp32_path: Path, out_path: Path, bits: int) -> dict:
+    """Weight-only int8 / int4 of every MatMul with constant weights, in blocks of 32 (ONNX Runtime's MatMulNBits).
 
-    Each block of 32 weights along the input dimension gets its own scale (like GGUF q8_0);
-    the int8 kernels quantize activations per block too. ONNX Runtime's dynamic quantization (`quantize_dynamic`, which
-    quantizes activations per tensor too) kept only 44-53% of SmolLM2-135M's next-token
-    argmaxes, per channel or not, because of its activation outliers; this keeps 99.6%.
+    Each block of 32 weights along the input dimension gets its own scale (like GGUF q8_0 / q4_0);
+    the kernels quantize activations per block too. ONNX Runtime's dynamic quantization (`quantize_dynamic`,
+    which quantizes activations per tensor too) kept only 44-53% of SmolLM2-135M's next-token
+    argmaxes, per channel or not, because of its activation outliers; int8 here keeps 99.6%.
+    int4 is the onnxruntime-genai standard (its model builder's `-p int4`: block 32, accuracy level 4).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
     # accuracy_level 4: the CPU kernel also quantizes activations to int8, per block of 32 (outliers stay
-    # local): measured 98.8% top-1 and 1.8x fp32's speed on SmolLM2, vs 99.6% and 0.6x at level 0.
-    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8, accuracy_level=4)
+    # local): measured 98.8% top-1 and 1.8x fp32's speed on SmolLM2 for int8, vs 99.6% and 0.6x at level 0.
+    config = DefaultWeightOnlyQuantConfig(block_size=WEIGHT_BLOCK, is_symmetric=True, bits=bits, accuracy_level=4)
     quantizer = MatMulNBitsQuantizer(str(fp32_path), algo_config=config)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         quantizer.process()
         external = fp32_path.with_name(fp32_path.name + ".data").exists()
-        quantizer.model.save_model_to_file(str(int8_path), external)
-    return {"method": "onnxruntime MatMulNBits", "bits": 8, "block_size": INT8_BLOCK, "symmetric": True,
+        quantizer.model.save_model_to_file(str(out_path), external)
+    return {"method": "onnxruntime MatMulNBits", "bits": bits, "block_size": WEIGHT_BLOCK, "symmetric": True,
             "accuracy_level": 4}
 
 
+def write_genai_config(source: Source, directory: Path) -> dict:
+    """genai_config.json: what onnxruntime-genai needs to open the folder (graph I/O names, cache shape, ids)."""
+    from tunelab.models import end_of_turn_ids
+
+    config, tokenizer = source.model.config, source.tokenizer
+    layers, kv_heads, head_dim = cache_shape(config)
+    genai = {
+        "model": {
+            "bos_token_id": tokenizer.bos_token_id,
+            "context_length": config.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": PAST_NAME.format(layer="%d", kv="key"),
+                           "past_value_names": PAST_NAME.format(layer="%d", kv="value")},
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_NAME.format(layer="%d", kv="key"),
+                            "present_value_names": PRESENT_NAME.format(layer="%d", kv="value")},
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": layers,
+                "num_key_value_heads": kv_heads,
+            },
+            "eos_token_id": end_of_turn_ids(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "type": config.model_type,
+            "vocab_size": config.vocab_size,
+        },
+        # Greedy by default, as `tunelab generate`; the cache grows by concatenation (no shared buffer:
+        # the graph has plain attention, not GroupQueryAttention).
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": config.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    (directory / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=4) + "\n")
+    return genai
+
+
+def genai_greedy(directory: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers generated by onnxruntime-genai from the folder (its own generator, cache and stop ids)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    answers = []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        answers.append(list(generator.get_sequence(0))[len(ids):])
+        del generator
+    return answers
+
+
 def verify_onnx(source: Source, directory: Path, *, quantization: str | None, max_new_tokens: int = 16) -> dict:
-    """Run the exported graph with ONNX Runtime: logits (no cache) and greedy answers (with cache)."""
+    """Run the exported graph with ONNX Runtime (logits, no cache; greedy answers with the cache) and
+    with onnxruntime-genai (greedy answers from the folder as its users load it)."""
     from tunelab.export.onnx_runtime import OnnxCausalLM
 
     runtime = OnnxCausalLM(directory)
@@ -147,15 +210,26 @@ def verify_onnx(source: Source, directory: Path, *, quantization: str | None, ma
     else:
         verify.check_agreement(numbers, quantization=quantization, what=what)
     # Greedy answers run the KV-cache path: prompt once, then one position per step.
-    reference_answers = verify.torch_greedy(source.model, source.tokenizer, source.prompts, max_new_tokens)
+    reference_answers = verify.reference_greedy(source, max_new_tokens)
     answers = verify.torch_greedy(runtime, source.tokenizer, source.prompts, max_new_tokens)
     numbers.update(verify.greedy_agreement(reference_answers, answers))
-    if quantization is None and numbers["greedy_token_agreement"] < verify.CACHE_AGREEMENT_TOLERANCE:
-        raise verify.VerificationError(
-            f"{what}: greedy answers with the KV cache differ from PyTorch's (token agreement "
-            f"{numbers['greedy_token_agreement']:.3f}); nothing was written\n  fix: report this with the model's config.json"
-        )
+    del runtime
+    genai = verify.greedy_agreement(reference_answers, genai_greedy(directory, source.prompts, max_new_tokens))
+    numbers["onnxruntime_genai"] = {"version": _genai_version(), **genai}
+    if quantization is None:
+        for runner, share in (("ONNX Runtime", numbers["greedy_token_agreement"]), ("onnxruntime-genai", genai["greedy_token_agreement"])):
+            if share < verify.CACHE_AGREEMENT_TOLERANCE:
+                raise verify.VerificationError(
+                    f"{what}: greedy answers with {runner}'s KV cache differ from PyTorch's (token agreement "
+                    f"{share:.3f}); nothing was written\n  fix: report this with the model's config.json"
+                )
     return numbers
+
+
+def _genai_version() -> str:
+    import onnxruntime_genai as og
+
+    return og.__version__
 
 
 README = """# {name}: ONNX ({precision}, KV cache)
@@ -163,8 +237,24 @@ README = """# {name}: ONNX ({precision}, KV cache)
 `model.onnx` is `{source}` (merged) exported with `torch.onnx.export(dynamo=True)` (opset {opset}) by tunelab {version}.
 
 Inputs: `input_ids` [batch, seq], `attention_mask` [batch, past + seq], `position_ids` [batch, seq], and per layer
-`past.N.key` / `past.N.value` [batch, {kv_heads}, past, {head_dim}] (past may be 0). Outputs: `logits` [batch, seq, vocab] and
-`present.N.key` / `present.N.value` (feed them back as `past.*` with the next token).
+`past_key_values.N.key` / `.value` [batch, {kv_heads}, past, {head_dim}] (past may be 0). Outputs: `logits` [batch, seq, vocab]
+and `present.N.key` / `present.N.value` (feed them back as `past_key_values.*` with the next token).{quantized_note}
+
+With onnxruntime-genai (`genai_config.json` is in this folder):
+
+```python
+import onnxruntime_genai as og
+
+model = og.Model("{path}")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode(tokenizer.apply_chat_template('[{{"role": "user", "content": "Hi"}}]', add_generation_prompt=True)))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```
 
 With tunelab (ONNX Runtime, the chat template in this folder, stops at end of turn):
 
@@ -182,7 +272,7 @@ tokenizer = AutoTokenizer.from_pretrained("{path}")
 ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hi"}}], add_generation_prompt=True, return_dict=True, return_tensors="np")["input_ids"]
 empty = np.zeros((1, {kv_heads}, 0, {head_dim}), np.float32)
 feed = {{"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}}
-feed.update({{f"past.{{i}}.{{kv}}": empty for i in range({layers}) for kv in ("key", "value")}})
+feed.update({{f"past_key_values.{{i}}.{{kv}}": empty for i in range({layers}) for kv in ("key", "value")}})
 logits = session.run(["logits"], feed)[0]
 ```
 

@@ -21,6 +21,9 @@ import torch
 from tunelab.errors import TunelabError
 
 MODEL_FILE = "model.onnx"
+# Cache inputs and outputs by layer, as onnxruntime-genai and optimum name them.
+PAST_NAME = "past_key_values.{layer}.{kv}"
+PRESENT_NAME = "present.{layer}.{kv}"
 
 
 def is_onnx_export(path: Path) -> bool:
@@ -48,13 +51,13 @@ class OnnxCausalLM:
             self.generation_config = GenerationConfig.from_pretrained(self.directory)
         except OSError:
             self.generation_config = GenerationConfig.from_model_config(self.config)
-        past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
+        past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.layers = len(past_inputs) // 2
         self.kv_heads, self.head_dim = int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3])
         info_path = self.directory / "export.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         self.parameter_count = int(info.get("parameters", 0))
-        self.dtype = torch.int8 if info.get("quantization") == "int8" else torch.float32
+        self.dtype = torch.int8 if info.get("quantization") in ("int8", "int4") else torch.float32
         self.device = torch.device("cpu")
 
     # --- the interface tunelab's generate / eval use ---------------------------------------
@@ -92,8 +95,8 @@ class OnnxCausalLM:
         """One run of the graph: new positions after `past`; returns logits and the grown cache."""
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         for layer in range(self.layers):
-            feed[f"past.{layer}.key"] = past[2 * layer]
-            feed[f"past.{layer}.value"] = past[2 * layer + 1]
+            feed[PAST_NAME.format(layer=layer, kv="key")] = past[2 * layer]
+            feed[PAST_NAME.format(layer=layer, kv="value")] = past[2 * layer + 1]
         outputs = self.session.run(None, feed)
         return outputs[0], outputs[1:]
 

@@ -17,6 +17,7 @@ error (`VerificationError`) and nothing is published.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,7 +38,15 @@ DEFAULT_PROMPTS = (
 # fp32 only reorders float operations; 16-bit storage rounds every weight (~2^-8 for bf16).
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 # Least top-1 agreement (teacher-forced, every prompt position) for quantized artifacts.
-AGREEMENT_TOLERANCE = {"q8_0": 0.9, "int8": 0.9, "q5_0": 0.8, "q5_1": 0.8, "q4_0": 0.7, "q4_1": 0.7}
+AGREEMENT_TOLERANCE = {"q8_0": 0.9, "int8": 0.9, "q6_k": 0.85, "q5_k_m": 0.8, "q5_0": 0.8, "q4_k_m": 0.7, "q4_0": 0.6,
+                       "int4": 0.6}
+# Largest perplexity ratio artifact / source on the perplexity text (llama.cpp's numbers for the bundled
+# SmolLM2-135M on GSM8K text, -c 256: q8_0 +0.3%, Q4_K_M +4.9%, Q4_0 +16%; the bounds leave room for other models).
+PERPLEXITY_TOLERANCE = {"f32": 1.001, "f16": 1.01, "bf16": 1.02, "q8_0": 1.02, "q6_k": 1.04, "q5_k_m": 1.06,
+                        "q5_0": 1.08, "q4_k_m": 1.12, "q4_0": 1.3}
+# Verification prompts keep at most this many tokens (their end: the generation prompt), so that
+# reference logits stay small (positions x vocabulary x 4 bytes) however long the run's eval data is.
+MAX_PROMPT_TOKENS = 256
 
 # Least share of matching greedy tokens for an fp32 artifact's own generation loop (the KV-cache
 # path of ONNX): fp32 reorderings may flip a near-tie late in an answer, nothing more.
@@ -66,7 +75,42 @@ def verification_prompts(tokenizer, run_config: Path | None = None, *, count: in
             prompts = read_prompts(str(eval_file))[:count] + prompts
         except DataError:
             pass  # eval data in a format without a prompt field: the built-ins still verify
-    return [encode_prompt(tokenizer, user_messages(p)) for p in prompts[:count]]
+    return [encode_prompt(tokenizer, user_messages(p))[-MAX_PROMPT_TOKENS:] for p in prompts[:count]]
+
+
+def perplexity_text() -> str:
+    """The bundled text perplexity is measured on: tunelab's synthetic word problems with worked answers
+    (the demo's domain), deterministic, about 2,000 tokens."""
+    from tunelab.data.synthetic import reasoning_problems
+
+    return "\n\n".join(f"Question: {p['question']}\nAnswer: {p['answer']}" for p in reasoning_problems(24, seed=0))
+
+
+def perplexity(fn: LogitsFn, ids: Sequence[int], *, context: int = 256, chunks: int = 4, bos: int | None = None) -> dict:
+    """Perplexity as llama.cpp's `llama-perplexity -c CONTEXT` computes it.
+
+    The token ids are cut into chunks of `context` tokens (the first replaced by BOS when the
+    model adds one); each chunk is one forward pass, and only its second half is scored, so every
+    scored token sees at least context / 2 tokens before it.
+    """
+    total = count = 0
+    used = 0
+    for start in range(0, len(ids) - context + 1, context):
+        if used == chunks:
+            break
+        chunk = list(ids[start:start + context])
+        if bos is not None:
+            chunk[0] = bos
+        logits = fn(chunk).double()
+        first = context // 2
+        log_probs = torch.log_softmax(logits[first:-1], dim=-1)
+        targets = torch.tensor(chunk[first + 1:])
+        total -= float(log_probs.gather(1, targets[:, None]).sum())
+        count += len(targets)
+        used += 1
+    if not count:
+        raise TunelabError(f"the perplexity text has {len(ids)} tokens, fewer than one chunk of {context}")
+    return {"perplexity": math.exp(total / count), "tokens_scored": count, "context": context, "chunks": used}
 
 
 def _eval_data_file(run_config: Path | None) -> Path | None:
@@ -123,6 +167,30 @@ def compare_logits(reference: Sequence[torch.Tensor], candidate: Sequence[torch.
     }
 
 
+def _mean_kl(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> float:
+    """Mean KL(reference || candidate) per position, in nats."""
+    total = count = 0.0
+    for ref, got in zip(reference, candidate):
+        p = torch.log_softmax(ref.double(), -1)
+        q = torch.log_softmax(got.double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        count += ref.shape[0]
+    return total / max(count, 1)
+
+
+def retention(reference: Sequence[torch.Tensor], artifact: Sequence[torch.Tensor], base: Sequence[torch.Tensor]) -> dict:
+    """How much of the fine-tune a 16-bit artifact keeps: its distance to the fine-tuned model against the base's.
+
+    `retention` = 1 - KL(tuned || artifact) / KL(tuned || base): 1 keeps everything, 0 or less is no closer
+    to the fine-tuned model than the base itself (the rounding swallowed the update).
+    """
+    kl_artifact, kl_base = _mean_kl(reference, artifact), _mean_kl(reference, base)
+    top1 = compare_logits(reference, artifact)["top1_agreement"]
+    top1_base = compare_logits(reference, base)["top1_agreement"]
+    return {"retention": 1 - kl_artifact / max(kl_base, 1e-30), "kl_to_tuned": kl_artifact, "kl_base_to_tuned": kl_base,
+            "top1_vs_tuned": top1, "top1_base_vs_tuned": top1_base}
+
+
 def greedy_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> dict:
     """How many greedy answers are identical, and the share of matching leading tokens."""
     same = sum(1 for a, b in zip(reference, candidate) if list(a) == list(b))
@@ -136,6 +204,14 @@ def greedy_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Seq
         prefix += n
         total += max(len(a), 1)
     return {"greedy_answers_identical": same, "greedy_answers": len(reference), "greedy_token_agreement": prefix / max(total, 1)}
+
+
+def reference_greedy(source, max_new_tokens: int) -> list[list[int]]:
+    """The source's greedy answers to its verification prompts, computed once per length and kept on it."""
+    key = ("greedy", max_new_tokens)
+    if key not in source.cache:
+        source.cache[key] = torch_greedy(source.model, source.tokenizer, source.prompts, max_new_tokens)
+    return source.cache[key]
 
 
 def torch_greedy(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -184,6 +260,9 @@ def format_numbers(numbers: dict) -> str:
         parts.append(f"top-1 agreement {100 * numbers['top1_agreement']:.1f}%")
     if "greedy_answers" in numbers:
         parts.append(f"greedy answers identical {numbers['greedy_answers_identical']}/{numbers['greedy_answers']}")
+    if "perplexity" in numbers:
+        ppl = numbers["perplexity"]
+        parts.append(f"perplexity {ppl['artifact']:.4g} vs source {ppl['source']:.4g} ({100 * (ppl['ratio'] - 1):+.1f}%)")
     return ", ".join(parts)
 
 
