@@ -64,7 +64,7 @@ def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
         overrides.append(f"model.name={args.model}")
     result = train(load_config(None, overrides), quiet=True)
     labels = json.loads((result.final_dir / "tunelab_model.json").read_text())["labels"]
-    examples = result.state.tokens_seen  # a classifier's targets are its examples
+    examples = result.state.targets_seen  # a classifier's targets are its examples
     return {"examples": examples, "seconds": result.seconds, "final_train_loss": result.train_loss,
             **test_accuracy(result.model, result.tokenizer, work / "test.jsonl", labels, args.max_length)}
 

@@ -81,9 +81,9 @@ def run_tunelab(args: argparse.Namespace, train_file: Path, eval_chats: list[dic
     losses = [r["loss"] for r in result.history if "loss" in r]
     return {
         "framework": "tunelab",
-        "trained_tokens": result.state.tokens_seen,
+        "trained_tokens": result.state.targets_seen,
         "train_seconds": result.seconds,
-        "tokens_per_s": result.state.tokens_seen / result.seconds,
+        "tokens_per_s": result.state.targets_seen / result.seconds,
         "final_train_loss": losses[-1],
         "eval_loss": all_token_eval_loss(result.model, result.tokenizer, eval_chats, args.max_length),
         "peak_rss_mb": peak_rss_mb(),

@@ -86,6 +86,13 @@ def test_tiny_classifiers_learn_a_separable_set(kind, tiny_bert_dir, tiny_model_
     assert sum(map(sum, scores["confusion_matrix"])) == 80
     evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
     assert evals[-1] < evals[0] / 3, evals
+    # Logged in the task's own words: examples, accuracy during training, no perplexity.
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval_ppl" in r or "tokens" in r or "tokens_per_s" in r for r in records)
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["examples"] == result.state.targets_seen == 5 * 400 and 0 <= steps[-1]["accuracy"] <= 1
+    assert summary["eval_accuracy"] == pytest.approx(summary["accuracy"], abs=1e-6)  # the loop's and the task's count
+    assert summary["train_examples"] == 2000 and "eval_perplexity" not in summary and "eval_ppl" not in summary
     # The final model is a plain transformers classifier with the run's labels.
     from transformers import AutoModelForSequenceClassification
 
@@ -139,11 +146,11 @@ def test_loss_is_the_mean_over_examples_whatever_the_micro_batching(tiny_bert_di
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        loss, count = accumulate_gradients(loss_module, micro, Accelerator(cpu=True), ClassificationLoss.count_targets)
+        loss, count = accumulate_gradients(loss_module, micro, Accelerator(cpu=True))["loss/loss"]
         return loss, count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    loss_a, count_a, one = grads([data.collate(rows, packing=False)])
-    loss_b, count_b, eight = grads([data.collate([row], packing=False) for row in rows])
+    loss_a, count_a, one = grads([data.collate(rows)])
+    loss_b, count_b, eight = grads([data.collate([row]) for row in rows])
     assert count_a == count_b == 8
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for name in one:
@@ -238,7 +245,7 @@ def test_labels_strings_or_ints_pairs_mapping_and_unseen_eval_labels(tiny_bert_d
             writer.writerow([f"a cat sat number {i}", f"an animal sat {i}", [2, 10, 0][i % 3]])
     data = build_classification_data(train_source=str(tmp_path / "pairs.csv"), eval_source=None, tokenizer=tokenizer, fields={}, max_length=32)
     assert data.labels == ["0", "2", "10"]
-    batch = data.collate([[0], [1]], packing=False)
+    batch = data.collate([[0], [1]])
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert batch["token_type_ids"][0].max() == 1  # the second text has token type 1
     assert batch["labels"].tolist() == [1, 2]  # labels 2 and 10 in id order

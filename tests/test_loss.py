@@ -127,8 +127,8 @@ def test_a_model_that_transforms_its_logits_is_caught_and_trained_on_its_own_log
     from tunelab.tasks import causal_lm
 
     notes = []
-    assert not causal_lm.loss_module(tiny_llama, probe=batch, say=notes.append).use_model_logits and not notes
-    assert causal_lm.loss_module(scaled, probe=batch, say=notes.append).use_model_logits
+    assert not causal_lm.target_token_loss(tiny_llama, probe=batch, say=notes.append).use_model_logits and not notes
+    assert causal_lm.target_token_loss(scaled, probe=batch, say=notes.append).use_model_logits
     assert notes and "transforms its logits" in notes[0]
 
 
@@ -167,7 +167,7 @@ def test_fast_path_equals_transformers_loss_on_the_real_model(bundled_dir, token
     from tunelab.fused_lora import fuse_lora_layers
     from tunelab.models import add_lora, load_base_model
 
-    model = add_lora(load_base_model(str(bundled_dir), dtype=torch.float32), r=8, alpha=16, dropout=0.0, target_modules="all-linear")
+    model = add_lora(load_base_model(str(bundled_dir)), r=8, alpha=16, dropout=0.0, target_modules="all-linear")
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero B, so every LoRA weight gets a gradient

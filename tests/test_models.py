@@ -11,6 +11,7 @@ from tunelab.models import (
     add_lora,
     count_parameters,
     end_of_turn_ids,
+    ModelLoading,
     freeze_parameters,
     load_base_model,
     load_for_inference,
@@ -69,7 +70,7 @@ def test_bad_target_module_is_a_clear_error():
 def test_qlora_base_is_4bit_and_counts_match_lora(tiny_model_dir):
     import bitsandbytes as bnb
 
-    base = load_base_model(str(tiny_model_dir), dtype=torch.float32, bits=4, compute_dtype=torch.float32)
+    base = load_base_model(str(tiny_model_dir), ModelLoading(bits=4, compute_dtype=torch.float32))
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.__class__.__name__ == "Params4bit"

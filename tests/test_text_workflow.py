@@ -256,9 +256,9 @@ def test_train_flags_and_flash_attention_fallback(tiny_model_dir, text_file, tmp
 
 
 def test_flash_attention_falls_back_to_sdpa_in_the_library(tiny_model_dir, capsys):
-    from tunelab.models import load_base_model
+    from tunelab.models import ModelLoading, load_base_model
 
-    model = load_base_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation="flash_attention_2", device="cpu")
+    model = load_base_model(str(tiny_model_dir), ModelLoading(attn_implementation="flash_attention_2", device="cpu"))
     assert model.config._attn_implementation == "sdpa"
     assert "using sdpa instead" in capsys.readouterr().err
 

@@ -115,8 +115,10 @@ def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tiny_llama):
             ids[r, : len(i)], labels[r, : len(l)], mask[r, : len(i)] = i, l, 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
+    from tunelab.tasks.causal_lm import CausalLMLoss
+
     accelerator = Accelerator(cpu=True)
-    loss_module = TargetTokenLoss(tiny_llama)
+    loss_module = CausalLMLoss(TargetTokenLoss(tiny_llama))
 
     def grads(micro):
         tiny_llama.zero_grad(set_to_none=True)
@@ -226,7 +228,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_model_dir, train_file, tmp_p
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 9))  # no duplicated or missing steps after the resume
-    assert straight.state.tokens_seen == resumed.state.tokens_seen
+    assert straight.state.targets_seen == resumed.state.targets_seen
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -262,27 +264,28 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tiny_model_dir, train_fi
 
 
 def test_prepared_data_is_reused_only_while_it_matches(tiny_model_dir, train_file, tmp_path):
-    from tunelab.train import load_run_tokenizer, load_training_data, prepare_data
+    from tunelab.tasks.causal_lm import build_data, prepare_data
+    from tunelab.train import load_run_tokenizer
 
     data_file = tmp_path / "train.jsonl"
     data_file.write_text(train_file.read_text())
     prepared = tmp_path / "prepared"
     config = run_config(tiny_model_dir, data_file, tmp_path / "run", f"data.prepared={prepared}")
-    fresh = prepare_data(config, prepared)
-    assert sorted(p.name for p in prepared.iterdir()) == ["eval.jsonl", "manifest.json", "train.jsonl"]
     _, tokenizer, _ = load_run_tokenizer(config)
+    fresh = prepare_data(config, tokenizer, prepared)
+    assert sorted(p.name for p in prepared.iterdir()) == ["eval.jsonl", "manifest.json", "train.jsonl"]
     said: list[str] = []
-    reused = load_training_data(config, tokenizer, lambda *a, **k: said.append(str(a[0])))
+    reused = build_data(config, tokenizer, say=lambda *a, **k: said.append(str(a[0])))
     assert "reused prepared data" in reused.summary() and not said
     assert [x.input_ids for x in reused.train] == [x.input_ids for x in fresh.train]
     assert [x.labels for x in reused.eval] == [x.labels for x in fresh.eval]
     assert str(reused.train[0].source) == str(fresh.train[0].source)
 
     other = run_config(tiny_model_dir, data_file, tmp_path / "run", f"data.prepared={prepared}", "data.train_on_prompt=true")
-    rebuilt = load_training_data(other, tokenizer, lambda *a, **k: said.append(str(a[0])))
+    rebuilt = build_data(other, tokenizer, say=lambda *a, **k: said.append(str(a[0])))
     assert "reused" not in rebuilt.summary() and "prepared from other data" in said[-1]
     data_file.write_text(data_file.read_text() + json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
-    changed = load_training_data(config, tokenizer, lambda *a, **k: said.append(str(a[0])))
+    changed = build_data(config, tokenizer, say=lambda *a, **k: said.append(str(a[0])))
     assert "reused" not in changed.summary() and len(said) == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,12 @@ def test_evaluation_makes_no_float64_tensors(tiny_llama):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from tunelab.loss import TargetTokenLoss
-    from tunelab.train import evaluate_loss
+    from tunelab.tasks import StepInfo, causal_lm
+    from tunelab.train import evaluate
+
+    class Prebuilt:  # eval items that are their own batches
+        def collate(self, item, *, split):
+            return item
 
     class Float64Watch(TorchDispatchMode):
         seen = False
@@ -91,10 +97,15 @@ def test_evaluation_makes_no_float64_tensors(tiny_llama):
 
     ids = torch.randint(3, 1000, (2, 12))
     batch = {"input_ids": ids, "labels": ids.clone()}
+    loss_module = causal_lm.CausalLMLoss(TargetTokenLoss(tiny_llama))
+    step = StepInfo(training=False, step=0, epoch=0, seed=0, rank=0, world=1, device=torch.device("cpu"))
     with Float64Watch():
-        loss = evaluate_loss(TargetTokenLoss(tiny_llama), [batch, batch], Accelerator(cpu=True))
+        record = evaluate(loss_module, causal_lm, Prebuilt(), [batch, batch], tiny_llama, Accelerator(cpu=True), step)
     assert not Float64Watch.seen
-    assert loss == pytest.approx(float(TargetTokenLoss(tiny_llama)(**batch)[0]) / (2 * 11), rel=1e-5)
+    with torch.no_grad():
+        expected = float(TargetTokenLoss(tiny_llama)(**batch)[0]) / (2 * 11)  # the same batch twice: its own mean
+    assert record["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert record["eval_ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
 
 
 def test_resume_with_another_process_count_is_refused(tiny_model_dir, train_file, tmp_path):
@@ -121,19 +132,20 @@ def test_one_epoch_run_leaves_a_checkpoint_by_default(tiny_model_dir, train_file
 
 def test_each_packed_epoch_trains_every_example_once(tiny_model_dir, train_file, tmp_path):
     """Packing packs each epoch differently; the step count and batches come from each epoch's own plan."""
-    from tunelab.train import load_run_tokenizer, load_training_data
+    from tunelab.tasks.causal_lm import build_data
+    from tunelab.train import load_run_tokenizer
 
     config = config_for(tiny_model_dir, train_file, tmp_path / "run", "data.packing=true", "training.batch_size=1",
                         "data.max_seq_length=256",
                         "training.epochs=3")
     _, tokenizer, _ = load_run_tokenizer(config)
-    data = load_training_data(config, tokenizer)
-    plans = [data.epoch_plan(1, seed=42, epoch=e, packing=True, max_length=256) for e in range(3)]
+    data = build_data(config, tokenizer)
+    plans = [data.epoch_plan(1, seed=42, epoch=e) for e in range(3)]
     assert len({len(p) for p in plans}) > 1, "the test needs epochs that pack into different row counts"
     targets = sum(sum(1 for label in x.labels[1:] if label != -100) for x in data.train)
     result = train(config, quiet=True)
     assert result.state.global_step == sum(len(p) for p in plans)
-    assert result.state.tokens_seen == 3 * targets
+    assert result.state.targets_seen == 3 * targets
 
 
 def test_loss_scaler_state_is_checkpointed(tmp_path):

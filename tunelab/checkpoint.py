@@ -34,8 +34,8 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken
     epoch: int = 0  # current epoch (0-based)
     batch_index: int = 0  # next micro-batch of this epoch's plan (per process)
-    tokens_seen: int = 0  # target tokens trained on, all processes
-    best_eval_loss: float | None = None
+    targets_seen: int = 0  # what the task's loss counts (target tokens, examples, pairs) trained on, all processes
+    best_metric: float | None = None  # best value of the task's selection metric (`SELECT`) so far
     evals_without_improvement: int = 0
     # What `batch_index` is counted in: a resume with other values would continue elsewhere.
     num_processes: int | None = None
@@ -167,4 +167,8 @@ def load_training_state(
     saved = torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=False)
     per_rank = saved["per_rank"] if "per_rank" in saved else [saved]  # older checkpoints: one state
     set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
-    return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    saved_state = json.loads((checkpoint / STATE_FILE).read_text())
+    for old, new in (("tokens_seen", "targets_seen"), ("best_eval_loss", "best_metric")):  # names in older checkpoints
+        if old in saved_state:
+            saved_state[new] = saved_state.pop(old)
+    return TrainState(**saved_state)

@@ -119,7 +119,7 @@ def train(
         return
     console.print(
         f"[green]done[/] {result.state.global_step} steps in {result.seconds:.0f}s "
-        f"({result.tokens_per_second:.0f} {task_module(config.task).TARGETS}/s); "
+        f"({result.targets_per_second:.0f} {task_module(config.task).UNITS.label}/s); "
         f"final train loss {result.train_loss}, "
         f"eval loss {result.eval_loss}; run folder: {result.run_dir}",
         highlight=False,
@@ -149,10 +149,14 @@ def data_prepare(
 ) -> None:
     """Tokenize a run's data once; set data.prepared=DIR to reuse it (checked against a fingerprint)."""
     from tunelab.config import load_config
-    from tunelab.train import prepare_data
+    from tunelab.tasks.causal_lm import prepare_data
+    from tunelab.train import load_run_tokenizer
 
     config = load_config(config_file, overrides)
-    data = prepare_data(config, output)
+    if config.task != "causal_lm":
+        raise TunelabError(f"task: {config.task} tokenizes its data at the start of each run; data prepare is for task: causal_lm")
+    _, tokenizer, _ = load_run_tokenizer(config)
+    data = prepare_data(config, tokenizer, output)
     console.print(f"[green]prepared[/] {data.summary()}\n  -> {output}  (train with data.prepared={output})", highlight=False)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,10 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.tasks import TASKS
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Method = Literal["lora", "dora", "qlora", "full"]
-Task = Literal["causal_lm", "classification"]
+Task = Literal[TASKS]  # tunelab/tasks/__init__.py holds the one list
 
 
 class Section(BaseModel):
@@ -436,6 +438,10 @@ def _format_error(error: dict[str, Any], lines: dict[str, int], source: str | No
         return [f"{where('')}{message}"]
     got = error.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    if error["type"] == "literal_error" and isinstance(got, str):  # a misspelt choice: name the closest
+        choices = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        close = difflib.get_close_matches(got, choices, n=1)
+        got_text += f"; did you mean '{close[0]}'?" if close else ""
     return [f"{where(dotted)}{dotted}: {message}{got_text}"]
 
 

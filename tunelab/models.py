@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -212,63 +213,55 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(
-    source: str,
-    *,
-    dtype: torch.dtype,
-    bits: Literal[4, 8] | None = None,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
-    device: torch.device | str | None = None,
-):
+@dataclass(frozen=True)
+class ModelLoading:
+    """How a base model is loaded, as one object: storage dtype, attention kernel, bitsandbytes
+    4/8-bit settings, remote code, device. Training builds it from the config's precision plan
+    and `quantization` section; inference uses the defaults with a dtype and device."""
+
+    dtype: torch.dtype = torch.float32
+    bits: Literal[4, 8] | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16  # the 4-bit layers' matmul dtype
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    device: torch.device | str | None = None
+
+
+def load_base_model(source: str, loading: ModelLoading = ModelLoading()):
     """Load a causal LM from a resolved source, optionally quantized to 4/8 bits (bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    kwargs = loading_kwargs(dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                            compute_dtype=compute_dtype, attn_implementation=attn_implementation,
-                            trust_remote_code=trust_remote_code, device=device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **loading_kwargs(loading))
     except OSError as err:
         raise TunelabError(
             f"cannot load model '{source}': {err}"
             + (access_fix(err) or "\n  fix: give a local model directory or .gguf file, or a hub id on a machine with network access")
         ) from None
-    if bits is None and device is not None:
-        model.to(device)
+    if loading.bits is None and loading.device is not None:
+        model.to(loading.device)
     return model
 
 
-def loading_kwargs(
-    *,
-    dtype: torch.dtype,
-    bits: int | None,
-    quant_type: str,
-    double_quant: bool,
-    compute_dtype: torch.dtype,
-    attn_implementation: str,
-    trust_remote_code: bool,
-    device: torch.device | str | None,
-    keep_unquantized: list[str] | None = None,
-) -> dict:
+def loading_kwargs(loading: ModelLoading, *, keep_unquantized: list[str] | None = None) -> dict:
     """`from_pretrained` keyword arguments shared by every model tunelab trains: dtype, a usable
     attention kernel, bitsandbytes 4/8-bit settings (`keep_unquantized`: modules left in full
     precision, e.g. a new classifier head) and, for a quantized model on a GPU, its device."""
     from transformers import BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": dtype, "attn_implementation": usable_attention(attn_implementation, device),
-                    "trust_remote_code": trust_remote_code}
+    bits, device = loading.bits, loading.device
+    kwargs: dict = {"dtype": loading.dtype, "attn_implementation": usable_attention(loading.attn_implementation, device),
+                    "trust_remote_code": loading.trust_remote_code}
     skip = {"llm_int8_skip_modules": keep_unquantized} if keep_unquantized else {}
     if bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_type=loading.quant_type,
+            bnb_4bit_use_double_quant=loading.double_quant,
+            bnb_4bit_compute_dtype=loading.compute_dtype,
             **skip,
         )
     elif bits == 8:
@@ -466,7 +459,8 @@ def load_for_inference(
         base_source = resolve_model_source(base_name)
         has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
-        base = load_base_model(base_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        base = load_base_model(base_source, loading)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
             # The run added tokens (a fallback chat template): the adapter's trained rows for
             # them go into an embedding of the run's size.
@@ -477,7 +471,8 @@ def load_for_inference(
     else:
         model_source = str(weights_dir) if weights_dir is not None else resolve_model_source(source)
         tokenizer = load_tokenizer(model_source, trust_remote_code=trust_remote_code)
-        model = load_base_model(model_source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        model = load_base_model(model_source, loading)
     if chat_template is None:
         chat_template = trained_prompt_format(weights_dir) == "chat"
     if not chat_template:

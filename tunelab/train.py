@@ -41,9 +41,8 @@ from tunelab.console import console
 from tunelab.errors import TrainingInterrupted, TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
-from tunelab.loss import TargetTokenLoss
 from tunelab.stopping import StopRequest, resume_command
-from tunelab.tasks import task_module
+from tunelab.tasks import StepInfo, task_module
 
 
 # --- optimizer and schedule -------------------------------------------------------------------
@@ -204,8 +203,12 @@ def load_trainable_weights(model, checkpoint: Path, *, is_adapter: bool) -> None
     for shard in sorted(checkpoint.glob("model*.safetensors")):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
+    # safetensors stores a tied tensor once (an LM head tied to the embeddings): a missing name
+    # that shares storage with a loaded one was loaded with it.
+    live = model.state_dict()
+    loaded = {live[name].data_ptr() for name in state if name in live}
+    missing = [name for name in missing if live[name].data_ptr() not in loaded]
+    if unexpected or missing:
         raise TunelabError(f"checkpoint {checkpoint} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
@@ -252,57 +255,108 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
-# --- evaluation -------------------------------------------------------------------------------
+# --- the step and the eval: named (sum, count) terms ------------------------------------------
+
+
+Totals = dict[str, tuple[float, float]]  # name -> (sum, count), over all processes
+
+
+def reduce_totals(totals: Totals, accelerator: Accelerator) -> Totals:
+    """Sum every (sum, count) over the processes in one collective (all must hold the same names).
+    Float64 on the host: Apple MPS has no float64 tensors, and counts stay exact."""
+    if accelerator.num_processes == 1 or not totals:
+        return dict(totals)
+    names = list(totals)
+    dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
+    flat = torch.tensor([v for name in names for v in totals[name]], dtype=dtype, device=accelerator.device)
+    flat = accelerator.reduce(flat, reduction="sum").cpu()
+    return {name: (float(flat[2 * i]), float(flat[2 * i + 1])) for i, name in enumerate(names)}
+
+
+def add_totals(into: dict[str, list[float]], totals) -> None:
+    """Accumulate (sum, count) pairs by name (tensors read as floats)."""
+    for name, (value, count) in totals.items():
+        running = into.setdefault(name, [0.0, 0.0])
+        running[0] += float(value)
+        running[1] += float(count)
+
+
+def loss_means(totals, *, prefix: str = "") -> dict[str, float]:
+    """The logged view of a window's or an eval's totals: `loss` = the sum of the objective terms'
+    means (each term's own mean), `loss/<term>` too when there are several, each metric's mean.
+    Term totals are keyed "loss/<term>", metric totals by their own name."""
+    terms = {name: total for name, total in totals.items() if name.startswith("loss/")}
+    means = {name: value / max(count, 1) for name, (value, count) in totals.items()}
+    record = {f"{prefix}loss": sum(means[name] for name in terms)}
+    if len(terms) > 1:
+        record.update({f"{prefix}{name}": means[name] for name in terms})
+    record.update({f"{prefix}{name}": mean for name, mean in means.items() if name not in terms})
+    return record
 
 
 @torch.no_grad()
-def evaluate_loss(loss_module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """Mean loss per target token over the eval batches of all processes.
+def evaluate(loss_module: torch.nn.Module, task, data, items: list, model: torch.nn.Module, accelerator: Accelerator,
+             step: StepInfo) -> dict[str, float]:
+    """The eval record (`eval_loss`, `eval_<metric>`, the task's extras) over the eval items of
+    all processes: each objective term is its own mean over every eval target.
 
-    Every process must call this, also one whose share of the eval batches is empty (it
-    adds zeros): the sums meet in one collective. The forward passes go through the
-    unwrapped module, so ranks with more batches than others run no DDP collectives
-    (buffer broadcasts) that the others would not match. Sums are taken on the host in
-    float64 (Apple MPS has no float64 tensors).
+    Every process must call this, also one whose share of the eval items is empty: the sums
+    meet in one collective. The forward passes go through the unwrapped module, so ranks with
+    more batches than others run no DDP collectives (buffer broadcasts) that the others would
+    not match. Batches are made again at each eval (with the current weights, for a task
+    that generates).
     """
     module = accelerator.unwrap_model(loss_module)
     module.eval()
-    loss_sum, count = 0.0, 0
-    for batch in batches:
-        with accelerator.autocast():
-            batch_loss, batch_count = module(**_to_device(batch, accelerator.device))
-        loss_sum += float(batch_loss)
-        count += int(batch_count)
+    totals: dict[str, list[float]] = {}
+    for item in items:
+        made = task.make_batches(data, [item], model, step)
+        add_totals(totals, made.metrics)
+        for batch in made.micro:
+            with accelerator.autocast():
+                out = module(**_to_device(batch, accelerator.device))
+            add_totals(totals, {f"loss/{name}": term for name, term in out.terms.items()})
+            add_totals(totals, out.metrics)
     module.train()
-    totals = gather_object([(loss_sum, count)])  # [(sum, count)] of every process
-    return sum(t[0] for t in totals) / max(sum(t[1] for t in totals), 1)
+    merged: dict[str, list[float]] = {}
+    for process_totals in gather_object([totals]):  # [totals] of every process (names may differ: empty shares)
+        add_totals(merged, process_totals)
+    record = loss_means(merged, prefix="eval_")
+    record.update(task.eval_record(record))
+    return record
 
 
-def accumulate_gradients(
-    loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
-    count_targets=TargetTokenLoss.count_targets,
-) -> tuple[float, int]:
-    """Backward over one optimizer step's micro-batches; returns (summed loss, target tokens), all processes.
+def accumulate_gradients(loss_module: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                         accelerator: Accelerator) -> Totals:
+    """Backward over one optimizer step's micro-batches; returns every term's and metric's
+    (sum, count) over all processes (terms keyed "loss/<term>").
 
-    Each micro-batch's summed token loss is divided by the step's global target-token
-    count, so the accumulated gradient is that of the mean over every target token of
-    the step, whatever the split into micro-batches and processes.
+    Each objective term's summed value is divided by that term's global count for the step
+    (`count_targets`, known before the forward), so the accumulated gradient is that of the
+    sum of each term's mean over the whole step, whatever the split into micro-batches and
+    processes: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
     """
     world = accelerator.num_processes
-    local_tokens = sum(count_targets(b) for b in micro_batches)
-    step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), reduction="sum").item())
-    local_loss = 0.0
+    module = accelerator.unwrap_model(loss_module)
+    local_counts: dict[str, list[float]] = {}
+    for batch in micro_batches:
+        add_totals(local_counts, {name: (count, 0) for name, count in module.count_targets(batch).items()})
+    step_counts = {name: value for name, (value, _) in reduce_totals(
+        {name: (c, 0.0) for name, (c, _) in local_counts.items()}, accelerator).items()}
+    totals: dict[str, list[float]] = {}
     for i, batch in enumerate(micro_batches):
         # Sync gradients across processes only on the last micro-batch.
         sync = accelerator.no_sync(loss_module) if i < len(micro_batches) - 1 else contextlib.nullcontext()
         with sync, accelerator.autocast():
-            loss_sum, _ = loss_module(**_to_device(batch, accelerator.device))
-            # DDP averages gradients over processes; x world makes it the global token mean.
-            loss = loss_sum * (world / max(step_tokens, 1))
-        accelerator.backward(loss)
-        local_loss += loss_sum.item()
-    step_loss = accelerator.reduce(torch.tensor(local_loss, device=accelerator.device), reduction="sum").item()
-    return step_loss, step_tokens
+            out = loss_module(**_to_device(batch, accelerator.device))
+            # DDP averages gradients over processes; x world makes each term its global mean.
+            objective = sum(value * (world / max(step_counts[name], 1)) for name, (value, _) in out.terms.items())
+        accelerator.backward(objective)
+        add_totals(totals, {f"loss/{name}": (value.detach(), 0.0) for name, (value, _) in out.terms.items()})
+        add_totals(totals, out.metrics)
+    reduced = reduce_totals({name: (value, count) for name, (value, count) in totals.items()}, accelerator)
+    reduced.update({f"loss/{name}": (reduced[f"loss/{name}"][0], count) for name, count in step_counts.items()})
+    return reduced
 
 
 def optimizer_step(optimizer, scheduler, accelerator: Accelerator) -> None:
@@ -431,84 +485,100 @@ class TrainResult:
     train_loss: float | None
     trainable_params: int
     total_params: int
-    tokens_per_second: float
+    targets_per_second: float  # the task's unit (target tokens, examples, pairs) per second
     seconds: float
     history: list[dict] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)  # the last eval record (eval_loss, eval_<metric>, ...)
     model: torch.nn.Module | None = None  # the trained model, still in memory (Python API)
     tokenizer: object | None = None
-
-
-def dataset_arguments(config: RunConfig) -> dict:
-    """The config's data settings as explicit `build_datasets` arguments (tokenizer aside)."""
-    d = config.data
-    return dict(
-        train_source=d.train, eval_source=d.eval, fmt=d.format, fields=d.fields.model_dump() if d.fields else None,
-        hf_config=d.hf_config, split=d.split, eval_split=d.eval_split, system_prompt=d.system_prompt,
-        max_length=d.max_seq_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt, dedupe=d.dedupe,
-        min_tokens=d.min_tokens, limit=d.limit, eval_fraction=d.eval_fraction, eval_limit=config.evaluation.limit,
-        skip_invalid=d.skip_invalid, seed=config.training.seed,
-    )
 
 
 def load_run_tokenizer(config: RunConfig) -> tuple[str, object, list[str]]:
     """(resolved model source, tokenizer, tokens added) with the chat template this run trains with.
 
     The template is saved with the run (final/ tokenizer), so inference renders prompts
-    exactly as training did. A tokenizer without one gets `data.chat_template` (default
-    chatml); new special tokens mean the embeddings must be resized. A classifier renders
-    no chat, so its tokenizer is left as it is.
+    exactly as training did. When the task renders chat (`needs_chat_template`), a tokenizer
+    without a template gets `data.chat_template` (default chatml); new special tokens mean the
+    embeddings must be resized.
     """
     from tunelab.data.render import set_chat_template
     from tunelab.models import load_tokenizer
 
-    source = task_module(config.task).resolve_source(config.model.name)
+    task = task_module(config.task)
+    source = task.resolve_source(config.model.name)
     tokenizer = load_tokenizer(source, trust_remote_code=config.model.trust_remote_code)
     added: list[str] = []
-    if not tokenizer.chat_template and not trains_on_plain_text(config) and config.task == "causal_lm":
+    if not tokenizer.chat_template and task.needs_chat_template(config):
         added = set_chat_template(tokenizer, config.data.chat_template or "chatml")
     return source, tokenizer, added
 
 
-def trains_on_plain_text(config: RunConfig) -> bool:
-    """True when every training record is plain text (format text, or detected as text): such a
-    run is not prompted through a chat template, so a base model must not get one added."""
-    from tunelab.data.pipeline import source_formats
+def build_model(config: RunConfig, task, source: str, *, data, tokenizer, added_tokens: list[str],
+                precision: PrecisionPlan, device: torch.device) -> torch.nn.Module:
+    """The task's model, loaded in the planned precision, with LoRA/DoRA adapters (fused) or the
+    configured parameters frozen for full fine-tuning."""
+    from tunelab.models import TORCH_DTYPES, ModelLoading, add_lora, freeze_parameters
 
-    d = config.data
-    if d.train is None:
-        return d.format == "text"
-    fields = d.fields.model_dump() if d.fields else None
-    return source_formats(d.train, fmt=d.format, fields=fields, split=d.split, hf_config=d.hf_config) == {"text"}
+    quant = config.quantization
+    loading = ModelLoading(
+        dtype=precision.weights, bits=quant.bits, quant_type=quant.quant_type, double_quant=quant.double_quant,
+        compute_dtype=precision.compute if quant.compute_dtype == "auto" else TORCH_DTYPES[quant.compute_dtype],
+        attn_implementation=config.model.attn_implementation, trust_remote_code=config.model.trust_remote_code,
+        device=device,
+    )
+    model = task.load_model(source, data=data, tokenizer=tokenizer, loading=loading)
+    if added_tokens:  # rows for the fallback chat template's tokens; trained below
+        model.resize_token_embeddings(len(tokenizer))
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method in ADAPTER_METHODS:
+        lora = config.lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                         use_dora=config.method == "dora", trainable_token_ids=tokenizer.convert_tokens_to_ids(added_tokens),
+                         task_type=task.PEFT_TASK_TYPE)
+        fuse_lora_layers(model)  # plain LoRA layers as one autograd function (same numbers, fewer memory passes)
+    else:
+        freeze_parameters(model, config.full.freeze)
+    model.config.use_cache = False  # training never decodes: no KV cache (and packed rows stay isolated)
+    return model
 
 
-def prepare_data(config: RunConfig, directory: Path):
-    """`tunelab data prepare`: tokenize the config's data once and save it with its fingerprint."""
-    from tunelab.data.dataset import build_datasets
-    from tunelab.data.prepared import data_fingerprint, save_prepared
+@dataclass
+class BatchPlan:
+    """This process's share of each epoch's plan: every world-th item of the data's own plan
+    (a pure function of seed and epoch; packing packs each epoch differently), cut to a
+    length all processes share, `accum` consecutive items per optimizer step."""
 
-    if config.task != "causal_lm":
-        raise TunelabError(f"task: {config.task} tokenizes its data at the start of each run; data prepare is for task: causal_lm")
-    _, tokenizer, _ = load_run_tokenizer(config)
-    args = dataset_arguments(config)
-    data = build_datasets(tokenizer=tokenizer, **args)
-    save_prepared(data, directory, data_fingerprint(args, tokenizer))
-    return data
+    data: object
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    accum: int
+
+    def items(self, epoch: int) -> list:
+        plan = self.data.epoch_plan(self.batch_size, seed=self.seed, epoch=epoch)
+        return plan[self.rank : len(plan) // self.world * self.world : self.world]
+
+    def steps(self, epoch: int) -> int:
+        return len(self.items(epoch)) // self.accum
 
 
-def load_training_data(config: RunConfig, tokenizer, say=console.print):
-    """Tokenized train/eval sets: from `data.prepared` when it still matches, else built now."""
-    from tunelab.data.dataset import build_datasets
-    from tunelab.data.prepared import data_fingerprint, load_prepared
+class Window:
+    """What the loop logs between two logging steps: each term's and metric's (sum, count), and the time."""
 
-    if config.task != "causal_lm":  # the task reads and tokenizes its own kind of records
-        return task_module(config.task).build_data(config, tokenizer)
-    args = dataset_arguments(config)
-    if config.data.prepared:
-        data, why_not = load_prepared(Path(config.data.prepared), data_fingerprint(args, tokenizer), tokenizer.pad_token_id)
-        if data is not None:
-            return data
-        say(f"[yellow]data.prepared not used[/]: {why_not}; tokenizing now", highlight=False)
-    return build_datasets(tokenizer=tokenizer, **args)
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+        self.start = time.perf_counter()
+
+    def record(self, *, units, seen: int) -> dict:
+        """`loss` (+ terms, metrics), `<unit>_per_s` over the window and `<unit>` seen so far; then reset."""
+        elapsed = time.perf_counter() - self.start
+        counted = self.totals.get(f"loss/{units.term}", [0.0, 0.0])[1]
+        record = {k: round(v, 6) for k, v in loss_means(self.totals).items()}
+        record.update({f"{units.key}_per_s": round(counted / max(elapsed, 1e-9), 2), units.key: seen})
+        self.totals, self.start = {}, time.perf_counter()
+        return record
 
 
 def run_name(config: RunConfig, config_path: str | None) -> str:
@@ -526,124 +596,56 @@ def train(
 ) -> TrainResult:
     """Fine-tune as the config says and write the run folder. Returns where and how it went.
 
-    `on_eval(step, eval_loss)` is called after each evaluation during training (not the
-    step-0 baseline); HPO uses it to report to the pruner. An exception it raises stops the
+    `on_eval(step, value)` is called after each evaluation during training (not the step-0
+    baseline) with the task's selection metric (`task.SELECT`: eval_loss for causal LM and
+    classification); HPO uses it to report to the pruner. An exception it raises stops the
     run there and propagates (the run folder keeps what was written so far, no final/).
     """
-    from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters
+    from tunelab.models import count_parameters
 
-    # ---- setup: unpack the config -----------------------------------------------------------
-    cfg_train, cfg_data, cfg_model = config.training, config.data, config.model
-    method = config.method
-    if cfg_data.train is None:
+    # ---- setup: run folder, precision, tokenizer, data, model, plan --------------------------------
+    cfg_train, cfg_model = config.training, config.model
+    task = task_module(config.task)  # what differs per task: data, model head, batches, loss, metrics
+    if config.data.train is None:
         raise TunelabError("data.train is not set.\n  fix: --data PATH, or data.train in the config")
     run_dir = Path(config.output.dir) / run_name(config, config_path)
-    resume = cfg_train.resume in (True, "auto")
-    if cfg_train.resume == "auto" and latest_checkpoint(run_dir / "checkpoints") is None:
-        resume = False
+    resume = cfg_train.resume is True or (cfg_train.resume == "auto" and latest_checkpoint(run_dir / "checkpoints") is not None)
     config_yaml = config_to_yaml(config)
     check_run_dir(run_dir, config_yaml, resume=resume, overwrite=config.output.overwrite)
-
     if cfg_train.num_threads:
         torch.set_num_threads(cfg_train.num_threads)
-    trackers = config.logging.trackers
-    check_trackers_installed(trackers)
+    check_trackers_installed(config.logging.trackers)
     probe_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    precision = plan_precision(cfg_train.precision, method=method, device=probe_device, weights=cfg_model.dtype)
-    accelerator = fresh_accelerator(
-        mixed_precision=precision.mixed_precision, log_with=trackers or None, project_dir=str(run_dir)
-    )
+    precision = plan_precision(cfg_train.precision, method=config.method, device=probe_device, weights=cfg_model.dtype)
+    accelerator = fresh_accelerator(mixed_precision=precision.mixed_precision, log_with=config.logging.trackers or None,
+                                    project_dir=str(run_dir))
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # reuse activation memory step after step: no page-fault storm
     set_seed(cfg_train.seed)
     say = (lambda *a, **k: None) if quiet or not accelerator.is_main_process else console.print
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg_train.gradient_accumulation_steps
 
-    # ---- model --------------------------------------------------------------------------------
     source, tokenizer, added_tokens = load_run_tokenizer(config)
-    task_impl = task_module(config.task)  # what differs per task: model head, batches, loss, metrics
-    data = load_training_data(config, tokenizer, say)  # before the model: a classifier's head size is its label count
-    quant = config.quantization
-    model = task_impl.load_model(
-        source,
-        data=data,
-        tokenizer=tokenizer,
-        dtype=precision.weights,
-        bits=quant.bits,
-        quant_type=quant.quant_type,
-        double_quant=quant.double_quant,
-        compute_dtype=precision.compute if quant.compute_dtype == "auto" else TORCH_DTYPES[quant.compute_dtype],
-        attn_implementation=cfg_model.attn_implementation,
-        trust_remote_code=cfg_model.trust_remote_code,
-        device=accelerator.device,
-    )
-    if added_tokens:  # rows for the fallback chat template's tokens; trained below
-        model.resize_token_embeddings(len(tokenizer))
-    if cfg_train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    is_adapter = method in ADAPTER_METHODS
-    if is_adapter:
-        model = add_lora(
-            model,
-            r=config.lora.r,
-            alpha=config.lora.alpha,
-            dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            use_dora=method == "dora",
-            trainable_token_ids=tokenizer.convert_tokens_to_ids(added_tokens),
-            task_type=task_impl.PEFT_TASK_TYPE,
-        )
-        # Plain LoRA layers run as one autograd function (same numbers, fewer memory passes).
-        fuse_lora_layers(model)
-    else:
-        freeze_parameters(model, config.full.freeze)
-    model.config.use_cache = False  # no KV cache in training: packed rows stay isolated
+    data = task.build_data(config, tokenizer, say=say)  # before the model: a classifier's head size is its label count
+    model = build_model(config, task, source, data=data, tokenizer=tokenizer, added_tokens=added_tokens,
+                        precision=precision, device=accelerator.device)
     trainable, total = count_parameters(model)
-    say(
-        f"[bold]model[/] {cfg_model.name or 'default (SmolLM2-135M-Instruct)'}  method={method}  "
+    say(f"[bold]model[/] {cfg_model.name or f'default ({task.DEFAULT_MODEL})'}  method={config.method}  "
         f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)  precision: {precision.label}  "
-        f"device: {accelerator.device}",
-        highlight=False,
-    )
-
-    # ---- data ---------------------------------------------------------------------------------
+        f"device: {accelerator.device}", highlight=False)
     say(f"[bold]data[/] {data.summary()}", highlight=False)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    accum = cfg_train.gradient_accumulation_steps
-
-    def epoch_batches(epoch: int) -> list:
-        """This process's micro-batches of an epoch: every world-th batch of the epoch's own
-        plan (packing packs each epoch differently), cut to a length all processes share."""
-        plan = data.epoch_plan(cfg_train.batch_size, seed=cfg_train.seed, epoch=epoch,
-                               packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
-        return plan[rank : len(plan) // world * world : world]
-
-    def steps_in_epoch(epoch: int) -> int:
-        return len(epoch_batches(epoch)) // accum
-
-    check_enough_batches(len(data.train), len(epoch_batches(0)), world=world, accum=accum)
-    steps_per_epoch = steps_in_epoch(0)
-    if cfg_train.max_steps:
-        total_steps = cfg_train.max_steps
-    else:
-        total_steps = sum(steps_in_epoch(e) for e in range(cfg_train.epochs))
-    warmup = round(cfg_train.warmup_ratio * total_steps) if cfg_train.warmup_ratio is not None else cfg_train.warmup_steps
-    warmup = min(warmup, total_steps // 2) if cfg_train.warmup_ratio is None else warmup
-    run_meta = task_impl.run_meta(data)  # saved with the weights: prompt format (causal LM), labels (classifier)
+    plan = BatchPlan(data, cfg_train.batch_size, cfg_train.seed, rank, world, accum)
+    check_enough_batches(len(data.train), len(plan.items(0)), world=world, accum=accum)
+    total_steps = cfg_train.max_steps or sum(plan.steps(e) for e in range(cfg_train.epochs))
+    warmup = schedule_warmup(cfg_train, total_steps)
+    run_meta = task.run_meta(data)  # saved with the weights: prompt format (causal LM), labels (classifier)
     if accelerator.is_main_process:  # only now: bad data or a bad model leave no half-made run folder
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
 
-    # ---- optimizer, schedule, state -------------------------------------------------------------
-    probe = _to_device(data.collate(epoch_batches(0)[0][:1], packing=cfg_data.packing), accelerator.device)
-    loss_module = task_impl.loss_module(model, probe=probe, say=say)
-    count_step_targets = loss_module.count_targets  # the task says what a target is (token, example, pair)
-    optimizer = build_optimizer(
-        model,
-        name=cfg_train.optimizer,
-        learning_rate=cfg_train.learning_rate,
-        weight_decay=cfg_train.weight_decay,
-        betas=cfg_train.adam_betas,
-    )
+    loss_module = task.loss_module(model, data=data, say=say)
+    optimizer = build_optimizer(model, name=cfg_train.optimizer, learning_rate=cfg_train.learning_rate,
+                                weight_decay=cfg_train.weight_decay, betas=cfg_train.adam_betas)
     scheduler = build_scheduler(optimizer, name=cfg_train.lr_scheduler, warmup_steps=warmup, total_steps=total_steps)
     if cfg_train.compile:
         loss_module = torch.compile(loss_module)
@@ -651,118 +653,98 @@ def train(
     state = TrainState(num_processes=world, gradient_accumulation_steps=accum)
     checkpoints_dir = run_dir / "checkpoints"
     if resume:
-        checkpoint = latest_checkpoint(checkpoints_dir)
-        if checkpoint is None:
-            raise TunelabError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        check_resumable(checkpoint, num_processes=world, accum=accum)
-        load_trainable_weights(model, checkpoint, is_adapter=is_adapter)
-        state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler, rank=rank,
-                                    scaler=accelerator.scaler)
-        say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
-    if trackers:
+        state = resume_state(checkpoints_dir, model, optimizer, scheduler, accelerator,
+                             is_adapter=config.method in ADAPTER_METHODS, accum=accum, say=say)
+    if config.logging.trackers:
         accelerator.init_trackers(config.logging.project, config=tracker_config(config))
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, resume_step=state.global_step)
-    all_eval_batches = data.eval_batches(config.evaluation.batch_size, packing=cfg_data.packing, max_length=cfg_data.max_seq_length)
-    has_eval = bool(all_eval_batches)  # the same on every process, even one whose share is empty
-    eval_batches = all_eval_batches[rank::world]
-    eval_every = cfg_train.eval_steps  # unset: at each epoch's end
+    all_eval_items = data.eval_plan(config.evaluation.batch_size)
+    has_eval = bool(all_eval_items)  # the same on every process, even one whose share is empty
+    eval_items = all_eval_items[rank::world]
     # Unset: each epoch's end, and at least every quarter of the run, so that even a
     # one-epoch run leaves a checkpoint to resume from.
     save_every = cfg_train.save_steps or max(1, math.ceil(total_steps / 4))
 
     def save_weights(directory: Path) -> None:
         # `model` is the very object inside the (DDP / compiled) loss wrapper.
-        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=method, meta=run_meta)
+        save_model_files(model, tokenizer, directory, base_model=cfg_model.name, method=config.method, meta=run_meta)
 
-    say(
-        f"[bold]plan[/] {total_steps} steps (epoch 1: {steps_per_epoch} steps); "
-        f"{world} process(es) x batch {cfg_train.batch_size} x accumulation {accum}; warmup {warmup}; "
-        f"lr {cfg_train.learning_rate:g} {cfg_train.lr_scheduler}",
-        highlight=False,
-    )
+    def step_info(training: bool) -> StepInfo:
+        return StepInfo(training=training, step=state.global_step, epoch=state.epoch, seed=cfg_train.seed, rank=rank,
+                        world=world, device=accelerator.device)
 
-    # ---- train ----------------------------------------------------------------------------------
+    def run_eval() -> dict:
+        record = {"step": state.global_step, **evaluate(loss_module, task, data, eval_items, model, accelerator,
+                                                        step_info(False))}
+        metrics.log({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+        history.append(record)
+        say(f"  step {state.global_step}: " + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"),
+            highlight=False)
+        return record
+
+    say(f"[bold]plan[/] {total_steps} steps (epoch 1: {plan.steps(0)} steps); {world} process(es) x batch "
+        f"{cfg_train.batch_size} x accumulation {accum}; warmup {warmup}; lr {cfg_train.learning_rate:g} "
+        f"{cfg_train.lr_scheduler}", highlight=False)
+
+    # ---- train --------------------------------------------------------------------------------
     from rich.progress import TextColumn
 
     from tunelab.console import progress
 
     loss_module.train()
     history: list[dict] = []
-    last_eval: float | None = state.best_eval_loss
-    window_loss = window_tokens = 0.0
-    window_start = time.perf_counter()
-    run_start = time.perf_counter()
-    tokens_this_run = 0
-    stop = False
+    last_eval: dict = {}
+    window, run_start, seen_this_run, stop = Window(), time.perf_counter(), 0, False
     bar = progress(TextColumn("{task.fields[info]}"), plain_every=0)  # not a terminal: a line per logging step
     bar.disable = quiet or not accelerator.is_main_process
     with bar, StopRequest(announce=accelerator.is_main_process) as stop_request:
-        task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
+        bar_task = bar.add_task("training", total=total_steps, completed=state.global_step, info="")
         if has_eval and state.global_step == 0:  # the baseline every later eval is compared with
-            initial = evaluate_loss(loss_module, eval_batches, accelerator)
-            metrics.log({"step": 0, "eval_loss": round(initial, 6), "eval_ppl": round(math.exp(min(initial, 50)), 4)})
-            history.append({"step": 0, "eval_loss": initial})
-            say(f"  step 0: {task_impl.describe_eval_loss(initial)}", highlight=False)
+            last_eval = run_eval()
         while state.global_step < total_steps and not stop:
-            my_batches = epoch_batches(state.epoch)
-            while state.batch_index + accum <= len(my_batches) and state.global_step < total_steps:
-                micro = [data.collate(my_batches[state.batch_index + i], packing=cfg_data.packing) for i in range(accum)]
-                global_loss, step_tokens = accumulate_gradients(loss_module, micro, accelerator, count_step_targets)
+            my_items = plan.items(state.epoch)
+            while state.batch_index + accum <= len(my_items) and state.global_step < total_steps:
+                made = task.make_batches(data, my_items[state.batch_index : state.batch_index + accum], model,
+                                         step_info(True))
+                totals = accumulate_gradients(loss_module, made.micro, accelerator)
+                totals.update(reduce_totals(made.metrics, accelerator))
                 grad_norm = None
                 if cfg_train.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg_train.max_grad_norm)
                     grad_norm = float(norm) if norm is not None else None  # DeepSpeed clips inside its step
-                check_finite(global_loss, grad_norm, step=state.global_step + 1, total=total_steps,
-                             learning_rate=cfg_train.learning_rate, weight_decay=cfg_train.weight_decay,
-                             fp16=precision.mixed_precision == "fp16",
+                check_finite(sum(v for k, (v, _) in totals.items() if k.startswith("loss/")), grad_norm,
+                             step=state.global_step + 1, total=total_steps, learning_rate=cfg_train.learning_rate,
+                             weight_decay=cfg_train.weight_decay, fp16=precision.mixed_precision == "fp16",
                              checkpoints_dir=checkpoints_dir)
                 optimizer_step(optimizer, scheduler, accelerator)
+                counted = int(totals[f"loss/{task.UNITS.term}"][1])
                 state.global_step += 1
                 state.batch_index += accum
-                state.tokens_seen += int(step_tokens)
-                tokens_this_run += int(step_tokens)
-                window_loss += global_loss
-                window_tokens += step_tokens
-                epoch_end = state.batch_index + accum > len(my_batches)
+                state.targets_seen += counted
+                seen_this_run += counted
+                add_totals(window.totals, totals)
+                epoch_end = state.batch_index + accum > len(my_items)
 
                 if state.global_step % cfg_train.logging_steps == 0 or state.global_step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": state.global_step,
-                        "epoch": round(state.epoch + state.batch_index / max(len(my_batches), 1), 4),
-                        "loss": round(window_loss / max(window_tokens, 1), 6),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": round(grad_norm, 6) if grad_norm is not None else None,
-                        "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2),
-                        "tokens": state.tokens_seen,
-                        "time": round(time.perf_counter() - run_start, 3),
-                    }
+                    record = {"step": state.global_step,
+                              "epoch": round(state.epoch + state.batch_index / max(len(my_items), 1), 4),
+                              **window.record(units=task.UNITS, seen=state.targets_seen),
+                              "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": round(grad_norm, 6) if grad_norm is not None else None,
+                              "time": round(time.perf_counter() - run_start, 3)}
                     metrics.log(record)
                     history.append(record)
-                    bar.update(task, completed=state.global_step, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} {task_impl.RATE_UNIT}")
-                    window_loss = window_tokens = 0.0
-                    window_start = time.perf_counter()
-                bar.update(task, completed=state.global_step)
+                    rate = record[f"{task.UNITS.key}_per_s"]
+                    bar.update(bar_task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {rate:.0f} {task.UNITS.rate}")
+                bar.update(bar_task, completed=state.global_step)
 
-                due = state.global_step % eval_every == 0 if eval_every else epoch_end
+                due = state.global_step % cfg_train.eval_steps == 0 if cfg_train.eval_steps else epoch_end
                 if has_eval and (due or state.global_step == total_steps):
-                    last_eval = evaluate_loss(loss_module, eval_batches, accelerator)
-                    record = {"step": state.global_step, "eval_loss": round(last_eval, 6),
-                              "eval_ppl": round(math.exp(min(last_eval, 50)), 4)}
-                    metrics.log(record)
-                    history.append(record)
-                    say(f"  step {state.global_step}: {task_impl.describe_eval_loss(last_eval)}", highlight=False)
+                    last_eval = run_eval()
+                    value = last_eval[task.SELECT.metric]
                     if on_eval is not None:
-                        on_eval(state.global_step, last_eval)
-                    if state.best_eval_loss is None or last_eval < state.best_eval_loss:
-                        state.best_eval_loss = last_eval
-                        state.evals_without_improvement = 0
-                    else:
-                        state.evals_without_improvement += 1
-                        patience = cfg_train.early_stopping_patience
-                        if patience and state.evals_without_improvement >= patience:
-                            say(f"[yellow]early stopping[/]: no eval improvement in {patience} evaluations")
-                            stop = True
+                        on_eval(state.global_step, value)
+                    stop = track_best(state, value, task.SELECT, patience=cfg_train.early_stopping_patience, say=say)
 
                 if epoch_end and not stop and state.global_step < total_steps:
                     state.epoch += 1  # counted before saving: a resume starts the next epoch
@@ -780,66 +762,87 @@ def train(
                                    **save_args)
                 if stop or state.batch_index == 0:
                     break
-            if not stop and state.global_step < total_steps and state.batch_index + accum > len(my_batches):
+            if not stop and state.global_step < total_steps and state.batch_index + accum > len(my_items):
                 state.epoch += 1  # an epoch too short for one step (packing plans vary), or an old checkpoint
                 state.batch_index = 0
 
     # ---- save -----------------------------------------------------------------------------------
     seconds = time.perf_counter() - run_start
-    final_dir = run_dir / "final"
+    train_losses = [r["loss"] for r in history if "loss" in r]
     if accelerator.is_main_process:
-        tmp = run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_weights(tmp)
-        publish_directory(tmp, final_dir)
-        train_losses = [r["loss"] for r in history if "loss" in r]
-        eval_record = {
+        write_final(run_dir, save_weights)
+        summary = {
             "step": state.global_step,
-            "eval_loss": last_eval,
-            "eval_perplexity": math.exp(min(last_eval, 50)) if last_eval is not None else None,
+            "eval_loss": last_eval.get("eval_loss"),
+            **{k: v for k, v in last_eval.items() if k not in ("step", "eval_loss")},
             "train_loss": train_losses[-1] if train_losses else None,
-            "train_tokens": state.tokens_seen,
+            f"train_{task.UNITS.key}": state.targets_seen,
             "train_seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens_this_run / max(seconds, 1e-9), 2),
-            "trainable_params": trainable,
-            "total_params": total,
-            "precision": precision.label,
-            "device": str(accelerator.device),
-            "num_processes": world,
+            f"{task.UNITS.key}_per_second": round(seen_this_run / max(seconds, 1e-9), 2),
+            "trainable_params": trainable, "total_params": total, "precision": precision.label,
+            "device": str(accelerator.device), "num_processes": world,
         }
-        eval_record.update(task_impl.final_scores(model, data, device=accelerator.device, batch_size=cfg_train.batch_size))
-        write_text_atomic(run_dir / "eval.json", json.dumps(eval_record, indent=2) + "\n")
-        from tunelab.evaluate import evaluate_after_training
+        write_text_atomic(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        scores = task.final_scores(model, data, config=config, tokenizer=tokenizer, run_dir=run_dir,
+                                   device=accelerator.device, say=say)
+        if scores:  # re-read: final_scores may have merged its own evaluations into eval.json
+            merged = {**json.loads((run_dir / "eval.json").read_text()), **scores}
+            write_text_atomic(run_dir / "eval.json", json.dumps(merged, indent=2) + "\n")
         from tunelab.report import write_report
-
-        ev = config.evaluation
-        evaluate_after_training(  # generation metrics, when evaluation.metrics asks for some (causal LM only)
-            model, tokenizer, run_dir, metrics=ev.metrics, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            answer_regex=ev.answer_regex, limit=ev.limit, source=cfg_data.eval or (cfg_data.train if cfg_data.eval_split else None),
-            split=cfg_data.eval_split or cfg_data.split, fmt=cfg_data.format,
-            fields=cfg_data.fields.model_dump() if cfg_data.fields else None,
-            prompt_format=run_meta.get("prompt_format", "chat"), say=say,
-        )
 
         write_report(run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    train_losses = [r["loss"] for r in history if "loss" in r]
     return TrainResult(
-        run_dir=run_dir,
-        final_dir=final_dir,
-        state=state,
-        eval_loss=last_eval,
-        train_loss=train_losses[-1] if train_losses else None,
-        trainable_params=trainable,
-        total_params=total,
-        tokens_per_second=tokens_this_run / max(seconds, 1e-9),
-        seconds=seconds,
-        history=history,
-        model=model,
-        tokenizer=tokenizer,
+        run_dir=run_dir, final_dir=run_dir / "final", state=state, eval_loss=last_eval.get("eval_loss"),
+        train_loss=train_losses[-1] if train_losses else None, trainable_params=trainable, total_params=total,
+        targets_per_second=seen_this_run / max(seconds, 1e-9), seconds=seconds, history=history, eval=last_eval,
+        model=model, tokenizer=tokenizer,
     )
+
+
+def schedule_warmup(cfg_train, total_steps: int) -> int:
+    """Warmup steps: `warmup_ratio` of the run when set, else `warmup_steps` capped at half the run."""
+    if cfg_train.warmup_ratio is not None:
+        return round(cfg_train.warmup_ratio * total_steps)
+    return min(cfg_train.warmup_steps, total_steps // 2)
+
+
+def resume_state(checkpoints_dir: Path, model, optimizer, scheduler, accelerator: Accelerator, *, is_adapter: bool,
+                 accum: int, say=print) -> TrainState:
+    """Load the newest complete checkpoint into the live model, optimizer, schedule and RNGs."""
+    checkpoint = latest_checkpoint(checkpoints_dir)
+    if checkpoint is None:
+        raise TunelabError(f"--resume: {checkpoints_dir.parent} has no complete checkpoint to resume from")
+    check_resumable(checkpoint, num_processes=accelerator.num_processes, accum=accum)
+    load_trainable_weights(model, checkpoint, is_adapter=is_adapter)
+    state = load_training_state(checkpoint, optimizer=optimizer, scheduler=scheduler, rank=accelerator.process_index,
+                                scaler=accelerator.scaler)
+    say(f"[bold]resumed[/] from {checkpoint} (step {state.global_step}, epoch {state.epoch + 1})", highlight=False)
+    return state
+
+
+def track_best(state: TrainState, value: float, select, *, patience: int | None, say=print) -> bool:
+    """Record an eval's selection value; True when early stopping says stop (no improvement in
+    `patience` evals, better meaning as the task's `SELECT` says)."""
+    if select.better(value, state.best_metric):
+        state.best_metric = value
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    if patience and state.evals_without_improvement >= patience:
+        say(f"[yellow]early stopping[/]: no {select.metric} improvement in {patience} evaluations")
+        return True
+    return False
+
+
+def write_final(run_dir: Path, save_weights) -> None:
+    """final/: written to a temp folder, then published atomically."""
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp)
+    publish_directory(tmp, run_dir / "final")
 
 
 def check_enough_batches(examples: int, batches_per_process: int, *, world: int, accum: int) -> None:

@@ -20,7 +20,7 @@ from tunelab.data.sources import DataStats
 
 @dataclass
 class TrainingData:
-    """Tokenized train/eval examples plus what batching needs (pad id, counts)."""
+    """Tokenized train/eval examples plus what batching needs (pad id, packing, row length)."""
 
     train: list[TokenizedExample]
     eval: list[TokenizedExample]
@@ -28,32 +28,28 @@ class TrainingData:
     train_stats: DataStats
     eval_stats: DataStats | None = None
     notes: list[str] = field(default_factory=list)
+    packing: bool = False  # several examples per row, attention kept within each (data.packing)
+    max_length: int = 512  # tokens per packed row (data.max_seq_length)
 
     def summary(self) -> str:
         held_out = f"; eval {len(self.eval)} examples" if self.eval else "; no eval split"
         extra = f" ({'; '.join(self.notes)})" if self.notes else ""
         return f"train: {self.train_stats.summary()}{held_out}{extra}"
 
-    def epoch_plan(self, batch_size: int, *, seed: int, epoch: int, packing: bool, max_length: int) -> list[Batch]:
+    def epoch_plan(self, batch_size: int, *, seed: int, epoch: int) -> list[Batch]:
         """The micro-batches of one epoch (rows of example indices); same inputs, same plan."""
         lengths = [len(x) for x in self.train]
-        return plan_batches(lengths, batch_size, seed=seed, epoch=epoch, packing=packing, max_length=max_length)
+        return plan_batches(lengths, batch_size, seed=seed, epoch=epoch, packing=self.packing, max_length=self.max_length)
 
-    def num_batches(self, batch_size: int, *, packing: bool, max_length: int) -> int:
-        return len(self.epoch_plan(batch_size, seed=0, epoch=0, packing=packing, max_length=max_length))
-
-    def collate(self, batch: Batch, *, packing: bool) -> dict[str, torch.Tensor]:
-        return causal_only(collate([[self.train[i] for i in row] for row in batch], self.pad_id, packed=packing))
-
-    def eval_batches(self, batch_size: int, *, packing: bool, max_length: int) -> list[dict[str, torch.Tensor]]:
-        """Eval set as collated batches, in a fixed length-sorted order (least padding)."""
-        if not self.eval:
-            return []
+    def eval_plan(self, batch_size: int) -> list[Batch]:
+        """The eval set's batches in a fixed length-sorted order (least padding)."""
         lengths = [len(x) for x in self.eval]
-        plan = plan_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False, by_length=not packing,
-                            packing=packing, max_length=max_length)
-        return [causal_only(collate([[self.eval[i] for i in row] for row in batch], self.pad_id, packed=packing))
-                for batch in plan]
+        return plan_batches(lengths, batch_size, seed=0, epoch=0, shuffle=False, by_length=not self.packing,
+                            packing=self.packing, max_length=self.max_length) if self.eval else []
+
+    def collate(self, batch: Batch, *, split: str = "train") -> dict[str, torch.Tensor]:
+        examples = self.train if split == "train" else self.eval
+        return causal_only(collate([[examples[i] for i in row] for row in batch], self.pad_id, packed=self.packing))
 
 
 def causal_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

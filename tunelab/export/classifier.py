@@ -53,7 +53,7 @@ def load_classifier_source(source: str, *, trust_remote_code: bool = False) -> S
     An adapter run is loaded on its base classifier (a QLoRA run's base unquantized), its
     class logits measured, merged, and the merged logits checked against them.
     """
-    from tunelab.models import load_tokenizer, resolve_weights_dir
+    from tunelab.models import ModelLoading, load_tokenizer, resolve_weights_dir
     from tunelab.tasks.classification import load_classifier, read_run_meta, resolve_source
 
     weights_dir = resolve_weights_dir(source)
@@ -61,8 +61,8 @@ def load_classifier_source(source: str, *, trust_remote_code: bool = False) -> S
     labels, method = meta["labels"], meta.get("method", "full")
     tokenizer = load_tokenizer(str(weights_dir), trust_remote_code=trust_remote_code)
     prompts = verification_ids(tokenizer)
-    common = dict(labels=labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32,
-                  trust_remote_code=trust_remote_code, device="cpu")
+    common = dict(labels=labels, pad_token_id=tokenizer.pad_token_id,
+                  loading=ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
     if not (weights_dir / "adapter_config.json").is_file():
         with status(f"Loading the classifier {weights_dir} in fp32"):
             model = load_classifier(str(weights_dir), **common).eval()

