@@ -75,6 +75,7 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
         RUN_META_FILE,
         ModelLoading,
         load_base_model,
+        load_merged_model,
         load_tokenizer,
         resolve_model_source,
         resolve_weights_dir,
@@ -98,7 +99,8 @@ def load_source(source: str, *, trust_remote_code: bool = False) -> Source:
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         note = " (QLoRA: the base is loaded unquantized, the adapter is never folded into 4-bit weights)" if method == "qlora" else ""
         with status(f"Loading {base_name or 'default'} in fp32 with the {method} adapter of {weights_dir}{note}"):
-            base = load_base_model(base_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
+            # The base may itself be a run (DPO on an SFT run): it is merged first.
+            base = load_merged_model(base_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
             model = PeftModel.from_pretrained(base, weights_dir)
             model.eval()
         prompts = verify.verification_prompts(tokenizer, run_config)
