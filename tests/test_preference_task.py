@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,43 @@ def test_warnings_for_chosen_collapse_and_early_overfitting(tmp_path):
     assert "rewards/accuracies reached 1.0 with loss 0.0100 at step 5" in overfit
     metrics.write_text(json.dumps(rows[0]) + "\n")
     assert task.training_warnings(metrics) == []
+
+
+KILL_AT_STEP_4 = """
+import os, signal, sys
+import tunelab.checkpoint as checkpoint
+import tunelab.train as train_module
+from tunelab.config import load_config
+real_save = checkpoint.save_checkpoint
+def save_then_die(checkpoints_dir, **kwargs):
+    path = real_save(checkpoints_dir, **kwargs)
+    if kwargs["state"].global_step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash right after a checkpoint
+    return path
+train_module.save_checkpoint = save_then_die
+train_module.train(load_config(None, sys.argv[1:]), quiet=True)
+"""
+
+
+def test_killed_and_resumed_full_dpo_equals_the_uninterrupted_run(tiny_model_dir, pairs_file, tmp_path):
+    """kill -9 after the step-4 checkpoint, resume: the same weights as a straight run; the stored
+    reference (computed before the first update) is what the resumed run uses."""
+    extra = ("method=full", "training.learning_rate=1e-3", "training.save_steps=2", "training.max_steps=6",
+             "training.keep_checkpoints=3", "preference.loss=ipo")
+    straight = train(run_config(tiny_model_dir, pairs_file, tmp_path / "straight", *extra), quiet=True)
+    args = ["task=preference", f"model.name={tiny_model_dir}", f"data.train={pairs_file}", f"output.dir={tmp_path}",
+            "output.name=killed", "training.batch_size=4", "training.gradient_accumulation_steps=1",
+            "training.warmup_steps=0", "training.logging_steps=1", "lora.r=4", "lora.alpha=8", "data.eval_fraction=0.2",
+            "data.max_seq_length=128", "training.precision=fp32", *extra]
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_4, *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    reference_before = load_file(tmp_path / "killed" / task.REFERENCE_FILE)
+    resumed = train(load_config(None, [*args, "training.resume=true"]), quiet=True)
+    assert resumed.state.global_step == 6
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    reference_after = load_file(tmp_path / "killed" / task.REFERENCE_FILE)
+    assert all(torch.equal(reference_after[k], reference_before[k]) for k in reference_before)
+    assert straight.history[-1]["eval_loss"] == pytest.approx(resumed.history[-1]["eval_loss"], abs=1e-6)
