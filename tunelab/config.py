@@ -123,6 +123,33 @@ class GrpoConfig(Section):
                                        "rewards to RUN/rollouts.jsonl; 0 = never.")
 
 
+class PreferenceConfig(Section):
+    """task: preference: which objective learns from the pairs, and its settings (defaults as TRL's).
+
+    dpo (sigmoid) and ipo compare with a reference model (for lora/dora/qlora the model with its
+    adapters off, for full fine-tuning log-probabilities stored before the first update); simpo
+    and orpo are reference-free; kto learns from single completions labelled good or bad.
+    """
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+        "dpo", description="dpo (sigmoid), ipo, simpo (length-normalised, no reference), orpo (odds ratio + NLL), kto."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the preference term (DPO/IPO/KTO: how far from the reference; "
+        "SimPO: reward scale, its paper uses 2.0-2.5; ORPO: the odds-ratio weight, lambda)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo, simpo: probability that a pair's preference is flipped (conservative DPO)."
+    )
+    sft_weight: float | None = Field(
+        None, ge=0.0, description="Weight of an added NLL term on the chosen reply (per token); unset = 1 for orpo "
+        "(its own NLL term), 0 otherwise. 0.2-1.0 counters falling chosen log-probs."
+    )
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin gamma (the loss uses gamma / beta).")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of desirable (label true) examples.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of undesirable (label false) examples.")
+
+
 class LoraSettings(Section):
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
@@ -203,11 +230,14 @@ class LoggingConfig(Section):
 class RunConfig(Section):
     """A whole fine-tuning run."""
 
-    task: Task = Field("causal_lm", description="causal_lm (generate replies), classification (text -> label) or "
-                       "grpo (learn from rewards on sampled answers).")
+    task: Task = Field(
+        "causal_lm", description="causal_lm (generate replies), classification (text -> label), preference (learn "
+        "from pairs) or grpo (learn from rewards on sampled answers)."
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     classification: ClassificationConfig = ClassificationConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     grpo: GrpoConfig = GrpoConfig()
     method: Method = "lora"
     lora: LoraSettings = LoraSettings()
@@ -243,6 +273,8 @@ class RunConfig(Section):
             _check_classification_data(self.data)
         if self.task == "grpo":
             _check_grpo(self)
+        if self.task == "preference":
+            _check_preference(self)
         return self
 
 
@@ -275,6 +307,27 @@ def _check_classification_data(data: DataConfig) -> None:
         raise ValueError(
             "task: classification tokenizes its texts at the start of the run (data prepare stores chat-rendered "
             "token ids); remove data.prepared"
+        )
+
+
+def _check_preference(config: RunConfig) -> None:
+    """Settings that do not apply to preference pairs, or to the chosen loss."""
+    data, pref = config.data, config.preference
+    if data.packing:
+        raise ValueError("task: preference scores each pair's rows on their own; set data.packing: false")
+    if data.train_on_prompt:
+        raise ValueError("task: preference scores the replies only; remove data.train_on_prompt")
+    if data.format not in ("auto", "preference", "kto"):
+        raise ValueError(f"data.format: {data.format} is not preference data; use auto, preference or kto")
+    if data.prepared is not None:
+        raise ValueError("task: preference tokenizes its pairs at the start of the run; remove data.prepared")
+    if pref.label_smoothing > 0 and pref.loss not in ("dpo", "simpo"):
+        raise ValueError(f"preference.label_smoothing applies to dpo and simpo, not {pref.loss}; remove it")
+    generated = [m for m in config.evaluation.metrics if m in GENERATION_METRICS]
+    if generated:
+        raise ValueError(
+            f"evaluation.metrics: {', '.join(generated)} are not measured during preference training; "
+            "run `tunelab eval RUN --data HELD_OUT --metric exact_match` after it"
         )
 
 

@@ -246,6 +246,34 @@ def load_base_model(source: str, loading: ModelLoading = ModelLoading()):
     return model
 
 
+def load_merged_model(source: str, loading: ModelLoading = ModelLoading()):
+    """A causal LM from a model directory or hub id, or from an adapter (a run folder, its final/, a
+    checkpoint) merged into its base; the base may itself be such a run (DPO on an SFT run).
+
+    Preference tuning starts from an SFT run this way: the merged model is both the start and the
+    reference, and a new adapter is trained on top of it.
+    """
+    weights_dir = resolve_weights_dir(source) if Path(source).expanduser().is_dir() else None
+    if weights_dir is None or not (weights_dir / "adapter_config.json").is_file():
+        return load_base_model(str(weights_dir) if weights_dir is not None else source, loading)
+    if loading.bits is not None:
+        raise TunelabError(
+            f"'{source}' is an adapter; it cannot be merged into a {loading.bits}-bit base.\n"
+            f"  fix: `tunelab merge {source}` first and start from the merged folder, or use method lora"
+        )
+    from peft import PeftModel
+
+    meta_path = weights_dir / RUN_META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    base_name = meta.get("base_model") or json.loads((weights_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_merged_model(resolve_model_source(base_name), loading)
+    if (weights_dir / "tokenizer_config.json").is_file():
+        tokens = len(load_tokenizer(str(weights_dir)))
+        if tokens > base.get_input_embeddings().num_embeddings:  # the run added tokens (a fallback chat template)
+            base.resize_token_embeddings(tokens)
+    return PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
+
+
 def loading_kwargs(loading: ModelLoading, *, keep_unquantized: list[str] | None = None) -> dict:
     """`from_pretrained` keyword arguments shared by every model tunelab trains: dtype, a usable
     attention kernel, bitsandbytes 4/8-bit settings (`keep_unquantized`: modules left in full
@@ -494,7 +522,7 @@ def load_for_inference(
         has_tokenizer = (weights_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(weights_dir if has_tokenizer else base_source), trust_remote_code=trust_remote_code)
         loading = ModelLoading(dtype=torch_dtype, trust_remote_code=trust_remote_code, device=torch_device)
-        base = load_base_model(base_source, loading)
+        base = load_merged_model(base_source, loading)  # the base may itself be a run (DPO on an SFT run)
         model = load_adapter_on_base(base, tokenizer, weights_dir)
         if merge:
             model = model.merge_and_unload()

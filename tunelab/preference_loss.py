@@ -210,7 +210,7 @@ def pair_terms(
 
     logps / tokens: per-row reply log-probability sums and reply token counts
     (`sequence_logps`); ref_logps: the same rows under the reference model (dpo, ipo).
-    Returns ({loss: (sum over pairs, pairs), "sft": (sft_weight * chosen NLL sum, chosen
+    Returns ({"preference": (sum over pairs, pairs), "sft": (sft_weight * chosen NLL sum, chosen
     tokens)}, metrics as (sum, count)). The sft term is present when sft_weight > 0.
     """
     if loss not in ("dpo", "ipo", "simpo", "orpo"):
@@ -244,7 +244,7 @@ def pair_terms(
             }
         shown_chosen, shown_rejected = mean_chosen, mean_rejected
         chosen_rewards, rejected_rewards = beta * mean_chosen.detach(), beta * mean_rejected.detach()
-    terms: Terms = {loss: (losses.sum(), pairs)}
+    terms: Terms = {"preference": (losses.sum(), pairs)}
     if sft_weight > 0:
         terms["sft"] = (-sft_weight * chosen.sum(), tokens.chunk(2)[0].sum())
     metrics: Metrics = {
@@ -288,7 +288,7 @@ def kto_terms(
     )
     rewards = beta * ratio.detach()
     n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
-    terms: Terms = {"kto": (losses.sum(), desirable.numel())}
+    terms: Terms = {"preference": (losses.sum(), desirable.numel())}
     if sft_weight > 0:
         terms["sft"] = (-sft_weight * logps[desirable].sum(), tokens[desirable].sum())
     metrics: Metrics = {"kl": (float(kl), 1)}

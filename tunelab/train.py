@@ -698,7 +698,7 @@ def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
         init_run_dir(run_dir, config_yaml, resume=resume)
     accelerator.wait_for_everyone()
 
-    loss_module = task.loss_module(model, data=data, say=say)
+    loss_module = task.loss_module(model, data=data, run_dir=run_dir, say=say)  # run_dir: what a task stores (DPO's full-FT reference)
     optimizer = build_optimizer(model, name=cfg_train.optimizer, learning_rate=cfg_train.learning_rate,
                                 weight_decay=cfg_train.weight_decay, betas=cfg_train.adam_betas)
     scheduler = build_scheduler(optimizer, name=cfg_train.lr_scheduler, warmup_steps=warmup, total_steps=total_steps)

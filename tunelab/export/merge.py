@@ -146,6 +146,7 @@ def load_source(source: str, *, trust_remote_code: bool = False, qlora_base: str
         ModelLoading,
         load_adapter_on_base,
         load_base_model,
+        load_merged_model,
         load_tokenizer,
         read_model_meta,
         resolve_model_source,
@@ -172,7 +173,8 @@ def load_source(source: str, *, trust_remote_code: bool = False, qlora_base: str
         prompts = verify.verification_prompts(tokenizer, run_config)
         trained = None
         with status(f"Loading {base_name or 'default'} in fp32 with the {method} adapter of {weights_dir}{note}"):
-            base = load_base_model(base_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
+            # The base may itself be a run (DPO on an SFT run): it is merged first.
+            base = load_merged_model(base_source, ModelLoading(trust_remote_code=trust_remote_code, device="cpu"))
         if method == "qlora":
             with status(f"Loading {base_name or 'default'} in 4 bits with the adapter: the model as trained"):
                 nf4 = _load_nf4_base(base_source, tokenizer, run_config, trust_remote_code)

@@ -8,7 +8,8 @@ which the recipe in `train.py` calls in this order:
     build_data(config, tokenizer, say=)      records -> the run's data: a `TaskData` whose batch plan
                                              is a pure function of (seed, epoch)
     load_model(source, data=, tokenizer=, loading=)   the base model with the task's head
-    loss_module(model, data=, say=)          an nn.Module: count_targets(batch) -> {term: count},
+    loss_module(model, data=, run_dir=, say=)   an nn.Module (called before the first update and before
+                                             a resume loads weights; run_dir: where it may store state): count_targets(batch) -> {term: count},
                                              forward(**batch) -> LossOutput (named (sum, count) terms)
     make_batches(data, items, model, step)   one step's planned items -> micro-batches, with the live
                                              model at hand (`collate_each` for most tasks)
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from tunelab.models import ModelLoading
 
 # The one list of task names (config.py's `Task` literal and the CLI read it).
-TASKS = ("causal_lm", "classification", "grpo")
+TASKS = ("causal_lm", "classification", "preference", "grpo")
 
 
 # --- what a task declares --------------------------------------------------------------------
@@ -170,7 +171,7 @@ class Task(Protocol):
 
     def load_model(self, source: str, *, data: TaskData, tokenizer, loading: ModelLoading) -> torch.nn.Module: ...
 
-    def loss_module(self, model: torch.nn.Module, *, data: TaskData, say=print) -> LossModule: ...
+    def loss_module(self, model: torch.nn.Module, *, data: TaskData, run_dir: Path | None = None, say=print) -> LossModule: ...
 
     def make_batches(self, data: TaskData, items: list, model: torch.nn.Module, step: StepInfo) -> StepBatches: ...
 
@@ -190,9 +191,9 @@ def collate_each(data: TaskData, items: list, model: torch.nn.Module, step: Step
 
 def task_module(name: str) -> Task:
     """The module implementing the task named in the config (`task:`); an unknown name is an error."""
-    from tunelab.tasks import causal_lm, classification, grpo
+    from tunelab.tasks import causal_lm, classification, grpo, preference
 
-    modules = {"causal_lm": causal_lm, "classification": classification, "grpo": grpo}
+    modules = {"causal_lm": causal_lm, "classification": classification, "preference": preference, "grpo": grpo}
     if name not in modules:
         from tunelab.errors import ConfigError
 

@@ -117,7 +117,7 @@ class CausalLMLoss(torch.nn.Module):
         return LossOutput({"loss": self.target_tokens(**batch)})
 
 
-def loss_module(model: torch.nn.Module, *, data, say=print) -> CausalLMLoss:
+def loss_module(model: torch.nn.Module, *, data, run_dir: Path | None = None, say=print) -> CausalLMLoss:  # noqa: ARG001
     """The loop's loss: target-token cross-entropy, its head path checked on one real training row."""
     first = data.epoch_plan(1, seed=0, epoch=0)[0]
     probe = {k: v.to(model.device) for k, v in data.collate(first[:1]).items()}

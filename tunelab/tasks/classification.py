@@ -210,7 +210,7 @@ class ClassificationLoss(torch.nn.Module):
         return LossOutput({"loss": (loss, labels.numel())}, metrics={"accuracy": (correct, labels.numel())})
 
 
-def loss_module(model: torch.nn.Module, *, data: ClassificationData, say=print) -> ClassificationLoss:  # noqa: ARG001
+def loss_module(model: torch.nn.Module, *, data: ClassificationData, run_dir: Path | None = None, say=print) -> ClassificationLoss:  # noqa: ARG001
     return ClassificationLoss(model)
 
 

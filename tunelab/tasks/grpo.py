@@ -273,7 +273,7 @@ class GrpoLoss(torch.nn.Module):
         return LossOutput(terms, metrics)
 
 
-def loss_module(model: torch.nn.Module, *, data: PromptData, say=print) -> GrpoLoss:  # noqa: ARG001
+def loss_module(model: torch.nn.Module, *, data: PromptData, run_dir: Path | None = None, say=print) -> GrpoLoss:  # noqa: ARG001
     g = data.settings
     settings = PolicyLossSettings(loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
                                   max_completion_length=g.max_completion_length)
