@@ -129,6 +129,7 @@ def sample_completions(model, tokenizer, prompts: list[Prompt], *, copies: int, 
                 max_new_tokens=settings.max_completion_length,
                 temperature=settings.temperature if step.training else 0.0,
                 top_p=settings.top_p, seed=_sampling_seed(step, p_index * copies + copy)))
+    model.eval()  # no dropout while sampling: the completions come from the policy itself
     engine = Engine(model, tokenizer, max_batch_size=len(requests))
     try:
         with torch.no_grad():
