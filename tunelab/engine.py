@@ -22,7 +22,6 @@ its paged-attention kernels are aimed at CUDA.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -247,7 +246,8 @@ class Engine:
             )
         request = GenerationRequest(self, prompt_ids, params)
         if not params.greedy:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            # Unseeded: one draw from torch's global RNG, so torch.manual_seed makes a script repeatable.
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
             request._generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._work:
             if self._closing:
