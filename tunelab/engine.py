@@ -207,7 +207,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, stop_token_ids: Iterable[int] | None = None) -> None:
         if max_batch_size < 1:
             raise TunelabError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.model = model.eval()
+        self.model = model  # in eval mode, as the caller left it (a training loop's rollouts switch back)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         if stop_token_ids is None:
