@@ -230,6 +230,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (rows, L) 1 = real token in the cache
         self._lengths: torch.Tensor | None = None  # (rows,) real tokens in the cache = next position id
         self._pending: torch.Tensor | None = None  # (rows,) last chosen token, not yet in the cache
+        self._admitting: list[GenerationRequest] = []  # taken from the queue, being prefilled
 
     # ---------------------------------------------------------------- public API
 
@@ -309,8 +310,9 @@ class Engine:
                 if self._rows:
                     self._decode()
             except BaseException as error:  # a failed forward fails every request it touched
-                for request in self._rows + self._take_queue():
+                for request in self._rows + self._admitting:
                     request._fail(error)
+                self._admitting = []
                 self._reset_batch()
                 raise
 
@@ -364,7 +366,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into the free slots and merge their cache into the batch's."""
-        new = self._take_queue(self.max_batch_size - len(self._rows))
+        new = self._admitting = self._take_queue(self.max_batch_size - len(self._rows))
         if not new:
             return
         from transformers import DynamicCache
@@ -392,6 +394,7 @@ class Engine:
         for request in new:
             request._seen = torch.tensor(request.prompt_ids, device=self.device)
         self._merge(out.past_key_values, mask, lengths, new)
+        self._admitting = []
         start = len(self._rows) - len(new)
         self._accept(list(range(start, len(self._rows))), out.logits[:, -1])
 
