@@ -51,7 +51,7 @@ endif
 docs-serve:
 	$(MAKE) docs SERVE=1
 
-# Retake the screenshots the docs show (docs/report.png) with the browser test that checks them.
+# Retake the screenshots the docs show (docs/report.png, ui.png, ui-runs.png) with the browser tests that check them.
 docs-screenshots: $(BIN)/tunelab
 	TUNELAB_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/test_docs.py -k screenshot
 

@@ -206,8 +206,9 @@ def copy_project(tmp_path: Path) -> Path:
 
 def test_reserved_pages_join_the_nav_when_present_and_unlisted_pages_fail(tmp_path):
     project = copy_project(tmp_path)
-    for page in RESERVED_PAGES:
-        (project / "docs" / page).write_text(f"# {page}\n\nBack to [the start](index.md).\n")
+    for page in RESERVED_PAGES:  # the absent ones as stubs (present ones keep their anchors, which pages link to)
+        if not (project / "docs" / page).exists():
+            (project / "docs" / page).write_text(f"# {page}\n\nBack to [the start](index.md).\n")
     result = build_site(project, tmp_path / "site")
     assert result.returncode == 0, result.stderr[-2000:]
     home = (tmp_path / "site" / "index.html").read_text()
@@ -412,33 +413,112 @@ def save_screenshot(page, name: str) -> Path:
     return path
 
 
-def test_report_renders_in_a_browser_and_is_screenshotted(tmp_path, monkeypatch, tiny_model_dir):
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium driven by Playwright (skipped with the reason where it is missing; CI fails)."""
     if not CHROMIUM.is_file():
-        reason = f"the report screenshot needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)"
+        reason = f"the docs screenshots need Debian's chromium at {CHROMIUM} (apt-get install -y chromium)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
     playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished 24-step run of the tiny random Llama in WORK/runs/tiny-report (WORK has configs/ and data/)."""
     from tunelab.config import build_config
     from tunelab.train import train
 
-    write_example_files(tmp_path)
+    work = tmp_path_factory.mktemp("docs-work")
+    write_example_files(work)
     config = build_config({
         "model": {"name": str(tiny_model_dir)},
-        "data": {"train": str(tmp_path / "data" / "train.jsonl"), "eval": str(tmp_path / "data" / "eval.jsonl")},
+        "data": {"train": str(work / "data" / "train.jsonl"), "eval": str(work / "data" / "eval.jsonl")},
         "training": {"batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 3, "learning_rate": 5e-3,
                      "warmup_steps": 2, "logging_steps": 1, "eval_steps": 4, "precision": "fp32"},
-        "output": {"dir": str(tmp_path / "runs"), "name": "tiny-report"},
+        "output": {"dir": str(work / "runs"), "name": "tiny-report"},
     })
-    result = train(config, quiet=True)
-    report = Path(result.run_dir) / "report.html"
-    with playwright_api.sync_playwright() as play:
-        browser = play.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(report.as_uri())
-        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
-        assert len(widths) >= 2 and min(widths) > 100, f"plots did not render: {widths}"
-        assert "24" in page.inner_text("body")  # 16 examples / batch 2 x 3 epochs = 24 steps
-        path = save_screenshot(page, "report")
-        browser.close()
+    return Path(train(config, quiet=True).run_dir)
+
+
+def test_report_renders_in_a_browser_and_is_screenshotted(browser, tiny_run):
+    report = tiny_run / "report.html"
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(report.as_uri())
+    widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(widths) >= 2 and min(widths) > 100, f"plots did not render: {widths}"
+    assert "24" in page.inner_text("body")  # 16 examples / batch 2 x 3 epochs = 24 steps
+    path = save_screenshot(page, "report")
+    page.close()
     assert path.stat().st_size > 20_000
+
+
+def test_ui_renders_in_a_browser_and_is_screenshotted(browser, tiny_run, tiny_model_dir, bundled_dir):
+    """docs/ui.png: the Chat tab answering with the bundled SmolLM2 (greedy); docs/ui-runs.png: a run opened in Runs.
+
+    `bundled_dir` makes sure the bundled model is converted (cached) before the UI loads it.
+    """
+    import time
+
+    from tunelab.ui import core
+    from tunelab.ui.app import build_app, launch
+
+    workspace = core.Workspace(tiny_run.parent, [tiny_model_dir.parent], cwd=tiny_run.parent.parent)
+    cache = core.ModelCache(2, dtype="fp32")
+    trainer = core.TrainingManager(workspace)
+    demo = build_app(workspace, cache, trainer, concurrency=1)
+    _, url, _ = launch(demo, workspace, port=None, block=False)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(url)
+        page.wait_for_selector("text=runs folder")
+        for tab in ("Chat", "Compare", "Runs", "Data", "Train"):
+            assert page.get_by_role("tab", name=tab).is_visible(), f"no {tab} tab"
+        # Chat with the bundled model (the default choice), greedy so the picture is reproducible.
+        page.get_by_text("settings").click()
+        for label, value in (("temperature (0 = greedy)", "0"), ("max new tokens", "64")):
+            box = page.get_by_label(f"number input for {label}")
+            box.fill(value)
+            box.press("Enter")
+        page.get_by_text("settings").click()
+        question = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+        # The reply the page must end with: the same generation path, greedy, on the model the UI caches.
+        model, tokenizer = cache.get(None)
+        *_, expected = core.chat_stream(model, tokenizer, [], question, max_new_tokens=64, temperature=0.0, top_p=1.0)
+        assert "8" in expected, f"the bundled model's greedy answer: {expected!r}"
+        page.locator("#chat-input textarea").fill(question)
+        page.locator("#chat-send").click()
+        bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+        bot.wait_for()
+        deadline = time.monotonic() + 180  # streamed: wait for the whole reply (a loaded machine is slow)
+        while " ".join(bot.inner_text().split()) != " ".join(expected.split()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert " ".join(bot.inner_text().split()) == " ".join(expected.split()), (bot.inner_text(), expected)
+        loaded = page.get_by_label("loaded models").input_value()
+        assert "1 of 2 model slots used" in loaded and "default: 134.5M parameters" in loaded, loaded
+        assert cache.loads == 1  # the page's chat used the model loaded above
+        page.evaluate("window.scrollTo(0, 0)")  # sending scrolled the page; the picture starts at the tabs
+        assert save_screenshot(page, "ui").stat().st_size > 20_000
+        # Runs: the table lists the finished run; opening it draws its curves.
+        page.get_by_role("tab", name="Runs").click()
+        for cell in ("tiny-report", "done"):  # run name and status (the table's visible cells)
+            page.locator("text=" + cell + " >> visible=true").first.wait_for()
+        page.locator("#run-name input").fill("tiny-report")
+        page.keyboard.press("Enter")
+        page.locator("#run-open").click()
+        # Drawn lines (Vega marks), not just the empty plot: train + eval loss, and the learning rate.
+        page.wait_for_function("document.querySelectorAll('.plot_marks path').length >= 3")
+        assert page.locator("#run-loss .plot_marks path").count() == 2
+        page.get_by_text("open report.html").wait_for()
+        page.evaluate("window.scrollTo(0, 0)")
+        assert save_screenshot(page, "ui-runs").stat().st_size > 20_000
+    finally:
+        page.close()
+        trainer.shutdown()
+        demo.close()

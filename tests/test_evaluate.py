@@ -193,6 +193,20 @@ def test_eval_cli_compares_two_models(answer_model_dir, tiny_model_dir, qa_file,
         assert [p["reference"] for p in predictions] == [a for _, a in QUESTIONS]
         assert {"prompt", "prediction", "predicted_answer", "reference_answer", "correct", "loss"} <= set(predictions[0])
         assert json.loads((out / label / "eval.json").read_text())["evaluations"]["sums"]["exact_match"] == pytest.approx(expected_em)
+        # Every score carries its 95% interval: Wilson for exact match (2 of 3: [20.8%, 93.9%]), bootstrap for loss.
+        intervals = scores["intervals"]
+        assert intervals["exact_match"]["method"] == "wilson" and intervals["loss"]["method"] == "bootstrap"
+        assert intervals["loss"]["low"] <= scores["loss"] <= intervals["loss"]["high"]
+        assert {"target_tokens"} <= set(predictions[0])
+    em = json.loads((out / first / "eval" / "sums" / "scores.json").read_text())["intervals"]["exact_match"]
+    assert (em["low"], em["high"]) == pytest.approx((0.2077, 0.9385), abs=1e-4)
+    assert "66.7% [20.8, 93.9]" in table
+    # The second model against the first on the same 3 examples: -66.7 points, paired bootstrap interval.
+    compared = json.loads((out / second / "eval" / "sums" / "scores.json").read_text())["compared_to"]
+    assert compared["model"] == first and compared["exact_match"]["difference"] == pytest.approx(-2 / 3)
+    assert compared["exact_match"]["high"] <= 0 and "loss" in compared
+    assert "compared_to" not in json.loads((out / first / "eval" / "sums" / "scores.json").read_text())
+    assert f"Difference to {first}" in table and "-66.7 pts" in table
 
 
 def test_run_folder_results_go_into_the_run(tiny_model_dir, qa_file, tmp_path):

@@ -3,11 +3,13 @@ study resumed, two workers on one SQLite study. Tiny random Llama, 4 steps per t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -225,7 +227,7 @@ def test_killed_study_resumes_with_two_workers_to_exactly_n_trials(workdir):
     """Kill a worker mid-trial, then resume the study with two workers at once on its SQLite file."""
     write_space(workdir, "training.learning_rate: {float: [1e-3, 2e-2], log: true}\nlora.r: [2, 4]\n")
     command = [sys.executable, "-m", "tunelab", "hpo", "base.yaml", "--space", "space.yaml", "--trials", "4",
-               "--study", "shared", "--pruner", "none"]
+               "--study", "shared", "--pruner", "none", "--heartbeat", "4"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     folder = workdir / "runs" / "hpo" / "shared"
     worker = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -250,7 +252,7 @@ def test_killed_study_resumes_with_two_workers_to_exactly_n_trials(workdir):
     assert len(finished) == 4 and all(t.state == State.COMPLETE for t in finished)
     assert trials[0].state == State.COMPLETE and first.stat().st_mtime_ns == first_mtime  # not redone
     assert trials[1].state == State.FAIL and "message" not in trials[1].user_attrs  # interrupted, not counted
-    # Trial 1 is declared dead once its heartbeat is GRACE_S old; its parameters then run again, once.
+    # Trial 1 is declared dead once its heartbeat is 4 heartbeats old; its parameters then run again, once.
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retries) == 1 and retries[0].params == trials[1].params and retries[0].state == State.COMPLETE
     assert len(trials) == 5
@@ -272,3 +274,121 @@ def test_example_space_validates_against_the_quickstart_config():
     data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     space = load_space(REPO / "configs" / "hpo" / "quickstart-space.yaml", data)
     assert [d.key for d in space] == ["training.learning_rate", "lora.r", "training.warmup_steps"]
+
+
+# ----------------------------------------------------------------------------- stops, binding, safety
+
+
+def signal_when(path: Path, predicate, signum: int) -> threading.Thread:
+    """Send `signum` to this process once metrics.jsonl at `path` satisfies `predicate` (a watcher thread)."""
+
+    def watch() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+            if predicate([r for r in records if "loss" in r]):
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_and_sigint_stop_the_study_after_a_checkpoint_and_the_next_run_continues_the_trial(workdir):
+    """SIGTERM (a preemption), then SIGINT (Ctrl-C) during the continued trial: each stops the study with
+    the shell's exit code after the trial checkpointed; the trial is neither counted nor lost, and the
+    third run continues it in its own folder from the checkpoint to the end."""
+    from tunelab.errors import TrainingInterrupted
+    from tunelab.hpo import best_config_yaml, count_trials
+
+    space = write_space(workdir, "lora.r: [2, 4]\n")
+    study_plan = plan_study(workdir / "base.yaml", [f"output.dir={workdir / 'runs'}", "training.max_steps=8"],
+                            space_path=space, n_trials=2, timeout_s=None, study_name="stops", storage=None,
+                            sampler="random", pruner="none", metric="eval_loss", direction=None)
+    run = study_plan.directory / "trial-0"
+    State = optuna.trial.TrialState
+
+    signal_when(run / "metrics.jsonl", lambda r: len(r) >= 1, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM") as stop:
+        run_study(study_plan)
+    assert stop.value.exit_code == 143
+    study = study_at(study_plan.directory, "stops")
+    first, queued = study.get_trials()
+    assert first.state == State.FAIL and "SIGTERM" in first.user_attrs["stopped"] and "message" not in first.user_attrs
+    assert queued.state == State.WAITING and queued.user_attrs["resume_of"] == 0
+    assert queued.system_attrs["fixed_params"] == first.params
+    stopped_at = int(sorted(run.glob("checkpoints/step-*"))[-1].name.split("-")[1])
+    assert 1 <= stopped_at < 8 and not (run / "final").exists()
+    assert count_trials(study).finished == 0 and not (study_plan.directory / "trial-1").exists()
+    assert "interrupted" in (study_plan.directory / "results.csv").read_text()  # outputs written on the way out
+
+    signal_when(run / "metrics.jsonl", lambda r: any(x["step"] > stopped_at for x in r), signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT") as stop:
+        run_study(study_plan)
+    assert stop.value.exit_code == 130
+    again = study_at(study_plan.directory, "stops").get_trials()
+    assert again[1].state == State.FAIL and "stopped" in again[1].user_attrs
+    assert again[2].state == State.WAITING and again[2].user_attrs["resume_of"] == 0
+
+    study = run_study(study_plan)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert len(complete) == 2 and complete[0].number == 2 and complete[0].user_attrs["run_dir"] == str(run)
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 9))  # continued, not restarted: every step once
+    assert complete[0].value == pytest.approx(json.loads((run / "eval.json").read_text())["eval_loss"])
+    assert (study_plan.directory / f"trial-{complete[1].number}" / "final").is_dir()
+
+    best = min(complete, key=lambda t: t.value)
+    changed = dataclasses.replace(study_plan, base={**study_plan.base, "training": {**study_plan.base["training"], "max_steps": 3}})
+    best_yaml = yaml.safe_load(best_config_yaml(changed, best))  # the trial's own config, not today's base
+    assert best_yaml["training"]["max_steps"] == 8 and best_yaml["output"]["name"] == "stops-best"
+
+
+def test_a_study_is_bound_to_its_direction_and_base_config(workdir):
+    space = write_space(workdir, "lora.r: [2, 4]\n")
+    first = plan(workdir, space, study_name="bound2")
+    with StudyLock(first.directory):
+        open_study(first)
+    with pytest.raises(TunelabError, match="minimizes eval_loss; this worker would maximize"):
+        open_study(plan(workdir, space, study_name="bound2", direction="maximize"))
+    other = plan_study(workdir / "base.yaml", [f"output.dir={workdir / 'runs'}", "training.max_steps=8"], space_path=space,
+                       n_trials=None, timeout_s=None, study_name="bound2", storage=None, sampler="tpe", pruner="median",
+                       metric="eval_loss", direction=None)
+    with pytest.raises(TunelabError, match="another base config .* differing: training.max_steps"):
+        open_study(other)
+
+
+def test_storage_passwords_are_never_printed():
+    from tunelab.hpo import open_storage, safe_url
+
+    url = "postgresql+psycopg2://alice:hunter2@127.0.0.1:1/studies"
+    assert "hunter2" not in safe_url(url) and "alice:***@127.0.0.1" in safe_url(url)
+    with pytest.raises(TunelabError) as err:
+        open_storage(url)
+    assert "hunter2" not in str(err.value) and "alice" in str(err.value)
+
+
+def test_pruner_defaults_follow_the_study_and_eval_cadence():
+    from tunelab.hpo import make_pruner
+
+    median = make_pruner("median", n_trials=20, max_steps=1000)
+    assert (median._n_startup_trials, median._n_warmup_steps) == (5, 250)  # not at the first evaluation
+    assert make_pruner("median", n_trials=6, max_steps=4)._n_startup_trials == 2
+    hyperband = make_pruner("hyperband", max_steps=1000, eval_steps=100)
+    assert (hyperband._min_resource, hyperband._max_resource) == (100, 1000)  # trials report every 100 steps
+
+
+def test_a_second_sigterm_stops_at_once():
+    from tunelab.stopping import REPEAT_SECONDS, StopRequest
+
+    with StopRequest(announce=False) as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert request.signum == signal.SIGTERM
+        time.sleep(REPEAT_SECONDS + 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)

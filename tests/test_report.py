@@ -136,3 +136,21 @@ def test_report_cli(tmp_path):
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert "report.html" in result.stdout and (run / "report.html").is_file()
+
+
+def test_report_shows_intervals_and_paired_differences(tmp_path):
+    """Scores written by a `tunelab eval` comparison carry intervals and the paired difference to the first model."""
+    run = make_run(tmp_path)
+    scores_path = run / "eval" / "gsm8k-test" / "scores.json"
+    scores = json.loads(scores_path.read_text())
+    scores["intervals"] = {"level": 0.95, "exact_match": {"low": 0.2244, "high": 0.4776, "method": "wilson"},
+                           "loss": {"low": 0.9012, "high": 1.0734, "method": "bootstrap"}}
+    scores["compared_to"] = {"model": "default", "exact_match": {"difference": 0.12, "low": 0.02, "high": 0.22, "excludes_zero": True},
+                             "loss": {"difference": -0.05, "low": -0.11, "high": 0.01, "excludes_zero": False}}
+    scores_path.write_text(json.dumps(scores))
+    (run / "eval.json").unlink()
+    text, parser = parse(write_report(run))
+    assert "34.0%[22.4, 47.8]" in parser.cells and "0.9877[0.9012, 1.0734]" in parser.cells
+    assert any(h.startswith("difference (paired bootstrap 95% interval") for h in parser.cells)
+    assert "vs default:exact match +12.0 pts [+2.0, +22.0] *loss -0.0500 [-0.1100, +0.0100]" in parser.cells
+    assert "Under each score: its 95% interval" in text

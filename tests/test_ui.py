@@ -35,7 +35,7 @@ def tiny_config(model_dir: Path, *, max_steps: int, save_steps: int) -> dict:
             "learning_rate": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": max_steps,
             "warmup_steps": 1, "logging_steps": 1, "save_steps": save_steps, "precision": "fp32", "num_threads": 1,
         },
-        "output": {"dir": "runs", "name": "tiny", "overwrite": True},
+        "output": {"dir": "runs", "name": "tiny"},
     }
 
 
@@ -308,11 +308,25 @@ def test_train_start_stop_resume(client, live, workspace_dir):
     assert max(steps) == 40 and stopped_at + 1 in steps
 
 
-def test_train_refuses_bad_config_and_outside_data(client):
+def test_train_refuses_bad_config_and_outside_data(client, workspace_dir):
     with pytest.raises(Exception, match="unknown key"):
         client.predict("trainig:\n  epochs: 1\n", "x", "", api_name="/train_start")
     with pytest.raises(Exception, match="outside the folders"):
         client.predict("method: lora\n", "x", "/etc/hosts", api_name="/train_start")
+    text = (workspace_dir / "configs" / "tiny.yaml").read_text()
+    for extra, message in (("model:\n  trust_remote_code: true\n", "runs code from the model's repository.*--allow-remote-code"),
+                           ("output:\n  overwrite: true\n", "deletes the results.*--allow-overwrite"),
+                           ("data:\n  eval: openai/gsm8k\n", "data.eval: 'openai/gsm8k' is not a local path.*--allow-hub")):
+        config = yaml.safe_load(text)
+        for section, values in yaml.safe_load(extra).items():
+            config[section].update(values)
+        with pytest.raises(Exception, match=message):
+            client.predict(yaml.safe_dump(config), "refused", "", api_name="/train_start")
+    assert not (workspace_dir / "runs" / "refused").exists()
+    manager = core.TrainingManager(core.Workspace(workspace_dir / "runs", [], cwd=workspace_dir), allow_overwrite=True)
+    overwriting = yaml.safe_load(text)
+    overwriting["output"]["overwrite"] = True
+    manager._check_allowed(core.check_config_text(yaml.safe_dump(overwriting)), "config")  # the server allows it
 
 
 # ----------------------------------------------------------------------------- load
@@ -349,8 +363,10 @@ def test_twenty_concurrent_chat_users_all_get_answers(live, workspace_dir):
     print(f"20 users answered in {time.monotonic() - started:.1f} s; peak RSS +{peak[0] - rss_before:.0f} MB")
 
 
-def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspace_dir):
-    cache = core.ModelCache(1, dtype="fp32")
+def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspace_dir, tmp_path):
+    import shutil
+
+    cache = core.ModelCache(2, dtype="fp32")
     results = []
     threads = [threading.Thread(target=lambda: results.append(cache.get(str(tiny_model_dir)))) for _ in range(4)]
     for thread in threads:
@@ -358,9 +374,17 @@ def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspac
     for thread in threads:
         thread.join()
     assert cache.loads == 1 and all(r is results[0] for r in results)
-    cache.get(str(workspace_dir / "runs" / "tiny"))
-    assert cache.loads == 2 and "1 of 1 model slots used" in cache.describe()
-    assert str(workspace_dir / "runs" / "tiny") in cache.describe()
+    a, b, c = str(tiny_model_dir), str(workspace_dir / "runs" / "tiny"), str(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+    cache.get(b)
+    cache.get(a)  # A used after B: B is now the least recently used
+    cache.get(c)
+    assert cache.loads == 3 and "2 of 2 model slots used" in cache.describe()
+    assert a in cache.describe() and c in cache.describe() and b not in cache.describe()  # FIFO would drop A
+    cache.get(a)
+    assert cache.loads == 3
+    assert cache.unload().startswith("0 of 2 model slots used")
+    cache.get(a)
+    assert cache.loads == 4
 
 
 # ----------------------------------------------------------------------------- safety
@@ -368,12 +392,15 @@ def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspac
 
 def test_workspace_paths(tmp_path):
     (tmp_path / "runs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "notes.txt").write_text("private")
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
     outside.mkdir()
     (tmp_path / "link").symlink_to(outside)
     workspace = core.Workspace(tmp_path / "runs", [], cwd=tmp_path)
     assert workspace.check_path("runs", "x") == (tmp_path / "runs").resolve()
-    for bad in ("/etc/passwd", "../", "link/secret"):
+    assert workspace.check_path("data/x.jsonl", "x") == (tmp_path / "data" / "x.jsonl").resolve()
+    for bad in ("/etc/passwd", "../", "link/secret", "notes.txt", "."):  # the working directory is no root
         with pytest.raises(TunelabError, match="outside the folders"):
             workspace.check_path(bad, "data file")
     assert workspace.model_source("default") is None
@@ -394,22 +421,151 @@ def test_auth_and_exposure_warning(tmp_path):
     assert result.returncode == 2 and "--auth must be USER:PASS" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_auth_is_required_when_set(workspace_dir, tiny_model_dir):
+GUARDED = [  # (method, path): the page, its config, the API, the queue, uploads, files
+    ("GET", "/"), ("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/queue/join"),
+    ("POST", "/gradio_api/call/train_start"), ("POST", "/gradio_api/upload"), ("GET", "/gradio_api/file={report}"),
+]
+
+
+def probe(url: str, report: Path, **kwargs) -> dict[str, int]:
     import httpx
 
+    codes = {}
+    for method, path in GUARDED:
+        target = url.rstrip("/") + path.format(report=report)
+        codes[path] = httpx.request(method, target, json={} if method == "POST" else None, **kwargs).status_code
+    return codes
+
+
+def test_auth_and_token_are_required_on_every_route(workspace_dir, tiny_model_dir):
     from tunelab.ui.app import build_app, launch
 
     workspace = core.Workspace(workspace_dir / "runs", [], cwd=workspace_dir)
-    demo = build_app(workspace, core.ModelCache(1), core.TrainingManager(workspace))
-    _, url, _ = launch(demo, workspace, port=None, block=False, auth=[("alice", "pw")])
+    report = (workspace_dir / "runs" / "tiny" / "report.html").resolve()
+    for mode in ("auth", "token"):
+        demo = build_app(workspace, core.ModelCache(1), core.TrainingManager(workspace))
+        extra = {"auth": [("alice", "pw")]} if mode == "auth" else {"token": "s3cret-token"}
+        _, url, _ = launch(demo, workspace, port=None, block=False, **extra)
+        try:
+            refused = probe(url, report)
+            if mode == "auth":  # the page itself is Gradio's login form
+                assert refused.pop("/") == 200
+            assert all(code == 401 for code in refused.values()), (mode, refused)
+            with pytest.raises(Exception, match="credentials were not provided|401"):
+                gradio_client.Client(url, verbose=False)
+            if mode == "auth":
+                client = gradio_client.Client(url, auth=("alice", "pw"), verbose=False)
+            else:
+                import httpx
+
+                page = httpx.get(url + "?token=s3cret-token")  # the printed link: the browser gets a cookie
+                assert page.status_code == 200 and "tunelab-token=s3cret-token" in page.headers["set-cookie"]
+                assert httpx.get(url.rstrip("/") + f"/gradio_api/file={report}", cookies=page.cookies).status_code == 200
+                assert httpx.get(url.rstrip("/") + "/gradio_api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+                client = gradio_client.Client(url, headers={"Authorization": "Bearer s3cret-token"}, verbose=False)
+            assert "tiny" in [row[0] for row in client.predict(api_name="/runs")[0]["data"]]
+        finally:
+            demo.close()
+
+
+def test_host_header_allow_list(live):
+    import httpx
+
+    url = live[0]
+    assert httpx.get(url, headers={"Host": "evil.example:7860"}).status_code == 400  # DNS rebinding
+    for host in ("localhost:7860", "127.0.0.1:7860", "[::1]:7860"):
+        assert httpx.get(url, headers={"Host": host}).status_code == 200, host
+
+
+def test_ui_command_prints_token_and_sigterm_stops_its_training(workspace_dir, tiny_model_dir):
+    """`tunelab ui` from a shell: the printed link carries a token the server requires; SIGTERM (systemd,
+    docker stop, kill) ends the UI and stops its training with a checkpoint instead of orphaning it."""
+    import re
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    ui = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "runs", "--port", str(port), "--data-dir", str(tiny_model_dir.parent)], cwd=workspace_dir,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert httpx.get(url.rstrip("/") + "/config").status_code == 401
-        with pytest.raises(Exception):
-            gradio_client.Client(url, verbose=False)
-        client = gradio_client.Client(url, auth=("alice", "pw"), verbose=False)
-        assert "tiny" in [row[0] for row in client.predict(api_name="/runs")[0]["data"]]
+        line = ""
+        while "tunelab ui on" not in line:
+            line = ui.stdout.readline()
+            assert line or ui.poll() is None, "the UI exited before serving"
+        url, token = re.search(r"(http://\S+/)\?token=(\S+)", line).groups()
+        assert httpx.get(url).status_code == 401 and httpx.get(url + f"?token={token}").status_code == 200
+        client = gradio_client.Client(url, headers={"Authorization": f"Bearer {token}"}, verbose=False)
+        text = (workspace_dir / "configs" / "tiny.yaml").read_text()
+        status, _, _ = client.predict(text, "sigterm-run", "", api_name="/train_start")
+        run = workspace_dir / "runs" / "sigterm-run"
+        wait_for(lambda: core.newest_checkpoint(run), 120, "a checkpoint")
+        trainer_pid = int(re.search(r"pid (\d+)", status).group(1))
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(90)
+        wait_for(lambda: not core.running_holder(run), 30, "the training to end")
+        with pytest.raises(ProcessLookupError):
+            os.kill(trainer_pid, 0)
+        log = (workspace_dir / "runs" / ".ui" / "sigterm-run.log").read_text()
+        assert "SIGINT: stopping after this step" in log and "stopped by SIGINT" in log
+        assert not (run / "final").exists() and core.newest_checkpoint(run) is not None
     finally:
-        demo.close()
+        if ui.poll() is None:
+            ui.kill()
+
+
+def test_restarted_ui_finds_a_running_training_and_stops_its_group(workspace_dir):
+    """A training the UI did not start (an earlier UI's, or the CLI's): found by its run-folder lock,
+    shown as training, Resume into it refused, Stop signals its process group."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", "configs/tiny.yaml", "output.name=cli-run"], cwd=workspace_dir,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        workspace = core.Workspace(workspace_dir / "runs", [], cwd=workspace_dir)
+        run = workspace.runs_dir / "cli-run"
+        wait_for(lambda: core.newest_checkpoint(run), 120, "a checkpoint")
+        manager = core.TrainingManager(workspace)
+        found = manager.adopt_running()
+        assert found.startswith(f"cli-run: pid {trainer.pid} on host"), found
+        assert manager.status().startswith("training cli-run: running (started before this UI)")
+        rows = {row[0]: row for row in core.run_rows(workspace)}
+        assert rows["cli-run"][1] == "training"
+        with pytest.raises(TunelabError, match="already running: cli-run"):
+            manager.resume("cli-run")
+        with pytest.raises(TunelabError, match=f"being trained by pid {trainer.pid}"):
+            core.TrainingManager(workspace).resume("cli-run")  # another UI that did not adopt it
+        status = manager.stop()
+        assert trainer.wait(30) == 130 and "started before this UI" in status
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_polling_only_while_a_training_runs(live):
+    from tunelab.ui.app import polling
+
+    workspace = live[1]
+    manager = core.TrainingManager(workspace)
+    assert polling(manager).active is False
+    manager.job = core.TrainingJob(name="x", run_dir=workspace.runs_dir / "x", command=[], log_path=None,
+                                   process=subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]), pid=0)
+    try:
+        assert polling(manager).active is True
+    finally:
+        manager.job.process.kill()
+        manager.job.process.wait()
+    assert polling(manager).active is False
+    from tunelab.ui.app import build_app
+
+    config = build_app(workspace, core.ModelCache(1), manager).config
+    timers = [c for c in config["components"] if c.get("type") == "timer"]
+    assert timers and all(t["props"]["active"] is False for t in timers)  # a fresh page does not poll
 
 
 # ----------------------------------------------------------------------------- browser

@@ -159,11 +159,11 @@ def data_prepare(
 @data_app.command("synth")
 def data_synth(
     output: Annotated[Path, typer.Argument(help="JSONL file to write.", show_default=False)],
-    kind: Annotated[str, typer.Option("--kind", help="reasoning (GSM8K-style word problems), text, chat or classification (labelled support tickets).")] = "reasoning",
+    kind: Annotated[str, typer.Option("--kind", help="reasoning (GSM8K-style word problems), preference (those problems: correct worked answer vs one arithmetic slip), text, chat or classification (labelled support tickets).")] = "reasoning",
     n: Annotated[int, typer.Option("-n", "--count", help="Number of records.")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed and options, same file.")] = 0,
     difficulty: Annotated[
-        Optional[int], typer.Option("--difficulty", help="reasoning: 1..5, steps and number sizes; classification: 1 keywords only, 2 with ruled-out words (default 2).")
+        Optional[int], typer.Option("--difficulty", help="reasoning, preference: 1..5, steps and number sizes; classification: 1 keywords only, 2 with ruled-out words (default 2).")
     ] = None,
     test_output: Annotated[
         Optional[Path], typer.Option("--test-output", help="Also write held-out records (none of them in OUTPUT) here.")
@@ -182,10 +182,10 @@ def data_synth(
 
 
 DataSourceArg = Annotated[str, typer.Argument(help="Data file, directory of files, saved dataset dir or hub dataset id.", show_default=False)]
-DataFormatOpt = Annotated[str, typer.Option("--format", help="auto, text, alpaca, dolly, chat, sharegpt or qa.")]
+DataFormatOpt = Annotated[str, typer.Option("--format", help="auto, text, alpaca, dolly, chat, sharegpt, qa, preference or kto.")]
 DataModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model whose tokenizer and chat template to use [default: bundled].")]
 DataSplitOpt = Annotated[str, typer.Option("--split", help="Split of a hub or saved dataset.")]
-TaskOpt = Annotated[str, typer.Option("--task", help="causal_lm (chat / text data) or classification (text + label).")]
+TaskOpt = Annotated[str, typer.Option("--task", help="causal_lm (chat / text data), classification (text + label) or preference (pairs; detected from the data too).")]
 TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Classification: the field holding the text [default: detected].")]
 PairFieldOpt = Annotated[Optional[str], typer.Option("--text-pair-field", help="Classification: the field holding a second text [default: detected].")]
 LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Classification: the field holding the label [default: detected].")]
@@ -207,6 +207,7 @@ def data_validate(
 ) -> None:
     """Check training data: formats, chat template, label masks, token lengths (classification: class balance). Bad records are named by file:line."""
     from tunelab.data.pipeline import render_validation_report, validate_data
+    from tunelab.data.preference import is_preference_source, validate_preferences
     from tunelab.models import load_tokenizer, resolve_model_source
 
     if task == "classification":
@@ -220,9 +221,15 @@ def data_validate(
         )
         console.print(Group(render_validation_report(report), render_class_balance(balance, found)))
         return
-    if task != "causal_lm":
-        raise TunelabError(f"--task: unknown task {task!r}\n  fix: causal_lm or classification")
+    if task not in ("causal_lm", "preference"):
+        raise TunelabError(f"--task: unknown task {task!r}\n  fix: causal_lm, classification or preference")
     tokenizer = load_tokenizer(resolve_model_source(model))
+    if task == "preference" or is_preference_source(source, fmt=fmt, split=split):
+        report = validate_preferences(
+            source, tokenizer, fmt=fmt, kto=fmt == "kto", max_length=max_length, truncation=truncation, skip_invalid=skip_invalid, split=split
+        )
+        console.print(render_validation_report(report))
+        return
     report = validate_data(
         source, tokenizer, fmt=fmt, max_length=max_length, truncation=truncation, skip_invalid=skip_invalid, split=split
     )
@@ -239,11 +246,16 @@ def data_inspect(
     train_on_prompt: Annotated[bool, typer.Option("--train-on-prompt", help="Show the mask when prompts are trained too.")] = False,
     split: DataSplitOpt = "train",
 ) -> None:
-    """Show examples as the model sees them: trained tokens highlighted green, untrained dim."""
+    """Show examples as the model sees them: trained tokens highlighted green, untrained dim (preference data: both replies of each pair)."""
     from tunelab.data.pipeline import inspect_examples, render_inspection
+    from tunelab.data.preference import inspect_preferences, is_preference_source, render_preference_inspection
     from tunelab.models import load_tokenizer, resolve_model_source
 
     tokenizer = load_tokenizer(resolve_model_source(model))
+    if is_preference_source(source, fmt=fmt, split=split):
+        items = inspect_preferences(source, tokenizer, n=n, fmt=fmt, kto=fmt == "kto", max_length=max_length, split=split)
+        console.print(render_preference_inspection(items, tokenizer, markers=console.color_system is None), soft_wrap=True)
+        return
     examples = inspect_examples(source, tokenizer, n=n, fmt=fmt, max_length=max_length, train_on_prompt=train_on_prompt, split=split)
     # Without colours (a pipe, a file) trained text is also marked with ⟦ ⟧.
     console.print(render_inspection(examples, tokenizer, markers=console.color_system is None), soft_wrap=True)
@@ -284,8 +296,12 @@ def eval_command(
     Plain-text data ({"text": ...}) is scored by loss and perplexity over every token. Classifier
     runs (task: classification) get accuracy, macro and per-class precision / recall / F1 and a
     confusion matrix instead. Writes <output>/eval/<data>/predictions.jsonl and scores.json per
-    model (and merges the run's eval.json).
+    model (and merges the run's eval.json). Each score gets a 95% interval (Wilson for exact match
+    and accuracy, bootstrap over examples for loss, perplexity and ROUGE-L); with several models,
+    each later one gets its difference to the first on the same examples with a paired bootstrap
+    95% interval, starred when it excludes zero.
     """
+    from tunelab.compare import differences_table
     from tunelab.evaluate import comparison_table, differing_samples, evaluate_sources, parse_metrics, samples_table
     from tunelab.tasks.classification import evaluate_classifiers, is_classifier, scores_tables
 
@@ -311,6 +327,9 @@ def eval_command(
     # A pipe or file gets the whole table rather than Rich's 80-column default squeeze.
     out = console if console.is_terminal else Console(width=200)
     out.print(comparison_table(results))
+    differences = differences_table(results)
+    if differences is not None:
+        out.print(differences)
     shown = differing_samples(results, samples)
     if shown:
         out.print(samples_table(results, shown))
@@ -492,8 +511,13 @@ def ui(
     runs_dir: Annotated[Path, typer.Argument(help="Runs folder to show and train into.")] = Path("runs"),
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 serves other machines (use --auth).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 7860,
-    auth: Annotated[Optional[str], typer.Option("--auth", help="USER:PASS required to open the UI.")] = None,
+    auth: Annotated[Optional[str], typer.Option("--auth", help="USER:PASS required to open the UI (default: a random token, printed in the URL).")] = None,
     auth_file: Annotated[Optional[Path], typer.Option("--auth-file", help="File with one USER:PASS per line.")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="No token and no password: anything that reaches the port may use the UI (warned).")] = False,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="Host name the UI may be reached under besides localhost, this machine's names and IP addresses (repeatable; * allows any).")] = None,
+    allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", help="Let the Train tab run configs with model.trust_remote_code: true.")] = False,
+    allow_overwrite: Annotated[bool, typer.Option("--allow-overwrite", help="Let the Train tab run configs with output.overwrite: true.")] = False,
+    allow_hub: Annotated[bool, typer.Option("--allow-hub", help="Let trainings started from the UI download models and data from the Hugging Face Hub.")] = False,
     share: Annotated[bool, typer.Option("--share", help="Also make a public gradio.live link (needs internet).")] = False,
     data_dir: Annotated[Optional[list[Path]], typer.Option("--data-dir", help="Extra folder the UI may read data/models from (repeatable).")] = None,
     max_models: Annotated[int, typer.Option("--max-models", help="Models kept loaded (least recently used dropped).")] = 3,
@@ -506,8 +530,37 @@ def ui(
     from tunelab.ui import serve
 
     serve(
-        runs_dir, host=host, port=port, auth=auth, auth_file=auth_file, share=share, data_dirs=data_dir,
+        runs_dir, host=host, port=port, auth=auth, auth_file=auth_file, no_auth=no_auth, allow_hosts=allow_host,
+        allow_remote_code=allow_remote_code, allow_overwrite=allow_overwrite, allow_hub=allow_hub, share=share, data_dirs=data_dir,
         max_models=max_models, concurrency=concurrency, max_upload_mb=max_upload_mb, dtype=dtype, device=device,
+    )
+
+
+@app.command()
+def serve(
+    source: Annotated[str, typer.Argument(help="Run folder, checkpoint, adapter or model dir, .gguf, hub id, or 'default' (the base when adapters are given).", show_default=False)],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=RUN: serve RUN's LoRA adapter as model NAME over the one base (repeatable).", show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; another than loopback needs an API key (or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Key clients send as 'Authorization: Bearer KEY' [default: $TUNELAB_API_KEY, else one is generated and printed].", show_default=False)] = None,
+    api_keys_file: Annotated[Optional[Path], typer.Option("--api-keys-file", help="File with one accepted key per line ('#' comments).", show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve without any key (prints a warning).")] = False,
+    requests_per_minute: Annotated[int, typer.Option("--requests-per-minute", help="Per key; more get 429 with Retry-After (0: unlimited).")] = 600,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Sequences decoded together per model (continuous batching).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Generations that may wait beyond the running batch; more get 429.")] = 32,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most new tokens a request may ask for (per choice).")] = 2048,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take, queueing included (then 504).")] = 600.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads torch uses [default: torch's choice].", show_default=False)] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with keys, rate limits and streaming."""
+    from tunelab.serve import serve as run_server
+
+    run_server(
+        source, adapters=adapter, host=host, port=port, api_key=api_key, api_keys_file=api_keys_file, insecure=insecure,
+        requests_per_minute=requests_per_minute, max_batch_size=max_batch_size, max_queue=max_queue, max_tokens=max_tokens,
+        timeout=timeout, dtype=dtype, device=device, threads=threads,
     )
 
 
@@ -524,6 +577,7 @@ def hpo(
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none (they watch the eval loss).")] = "median",
     metric: Annotated[str, typer.Option("--metric", help="eval_loss, eval_perplexity, train_loss, exact_match, accuracy, rouge1/2/L, bleu; classifier runs: accuracy, macro_f1 (eval split).")] = "eval_loss",
     direction: Annotated[Optional[str], typer.Option("--direction", help="minimize or maximize \\[default: by metric].")] = None,
+    heartbeat: Annotated[float, typer.Option("--heartbeat", help="Seconds between a worker's heartbeats; a trial silent for 4 heartbeats belongs to a dead worker and is run again.")] = 30.0,
 ) -> None:
     """Search hyperparameters with Optuna: each trial a normal run under runs/hpo/STUDY/trial-K.
 
@@ -543,7 +597,7 @@ def hpo(
         raise TunelabError("--space SPACE.yaml is required: the keys to search and their ranges")
     plan = search.plan_study(
         config_file, list(overrides or []), space_path=space, n_trials=trials, timeout_s=timeout, study_name=study,
-        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction,
+        storage=storage, sampler=sampler, pruner=pruner, metric=metric, direction=direction, heartbeat_s=heartbeat,
     )
     result = search.run_study(plan)
     out.print(search.results_table(result, plan.metric, plan.direction))

@@ -55,7 +55,9 @@ class DataConfig(Section):
     train: str | None = Field(None, description="Training data: a file, a directory of files, or a hub dataset id.")
     eval: str | None = Field(None, description="Evaluation data; unset = split eval_fraction off the training data.")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of train held out for eval (seeded).")
-    format: Literal["auto", "text", "alpaca", "dolly", "chat", "sharegpt", "qa", "custom"] = "auto"
+    format: Literal["auto", "text", "alpaca", "dolly", "chat", "sharegpt", "qa", "custom", "preference", "kto"] = Field(
+        "auto", description="Record shape; auto = detected per file. preference and kto are read by task: preference."
+    )
     fields: FieldMapping | None = Field(None, description="Field mapping for format: custom.")
     hf_config: str | None = Field(None, description="Hub dataset config name.")
     split: str = "train"

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.compare import add_intervals, add_paired_differences, format_interval
 from tunelab.errors import TunelabError
 from tunelab.generate import (
     GenerationSettings,
@@ -131,6 +132,7 @@ class LossStats:
     tokens: int  # every non-padding token fed to the model
     seconds: float
     per_example: list[float] = field(default_factory=list)
+    per_example_tokens: list[int] = field(default_factory=list)  # target tokens of each example (loss weights)
 
     @property
     def tokens_per_s(self) -> float:
@@ -240,6 +242,7 @@ def score_loss(model: torch.nn.Module, tokenizer, examples: Sequence[EvalExample
         tokens=tokens,
         seconds=seconds,
         per_example=[n / max(c, 1) for n, c in zip(nll_per_example, count_per_example)],
+        per_example_tokens=count_per_example,
     )
 
 
@@ -300,10 +303,11 @@ def evaluate_model(
             score_tokens_per_s=stats.tokens_per_s,
             score_seconds=stats.seconds,
         )
-        for row, loss in zip(rows, stats.per_example):
-            row["loss"] = loss
+        for row, loss, count in zip(rows, stats.per_example, stats.per_example_tokens):
+            row["loss"], row["target_tokens"] = loss, count
     if GENERATED & set(metrics):
         scores.update(generation_scores(model, tokenizer, examples, rows, metrics, batch_size, max_new_tokens, pattern))
+    add_intervals(scores, rows)  # scores["intervals"]: 95% interval of each score (tunelab.compare)
     return EvalResult(scores=scores, predictions=rows)
 
 
@@ -648,6 +652,10 @@ def evaluate_sources(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if len(results) > 1:  # every later model against the first, on the same examples
+        add_paired_differences(results)
+        for result in results[1:]:
+            save_evaluation(result.folder.parent.parent, data_name, EvalResult(result.scores, result.predictions))
     return results
 
 
@@ -682,8 +690,14 @@ def comparison_table(results: Sequence[ModelEvaluation]):
         label = f"{title} ({'/'.join(sorted(k for k in kinds if k))})" if key == "peak_memory_mb" else title
         table.add_column(label, justify="right")
     for result in results:
-        cells = [fmt(result.scores[key]) if result.scores.get(key) is not None else "-" for key, _, fmt in columns]
+        intervals = result.scores.get("intervals") or {}
+        cells = [
+            f"{fmt(result.scores[key])} {format_interval(key, intervals.get(key))}".strip() if result.scores.get(key) is not None else "-"
+            for key, _, fmt in columns
+        ]
         table.add_row(result.name, *cells)
+    if any(result.scores.get("intervals") for result in results):
+        table.caption = "[brackets]: 95% interval (Wilson for proportions, bootstrap over examples for loss, ppl, ROUGE-L)"
     return table
 
 

@@ -70,9 +70,11 @@ LOWER_IS_BETTER = ("eval_loss", "eval_perplexity", "train_loss")
 # Keys the study sets itself: every trial writes its own folder and starts fresh.
 RESERVED_KEYS = ("output", "training.resume")
 # A worker records a heartbeat every HEARTBEAT_S seconds while it runs a trial; a running
-# trial without one for GRACE_S seconds belongs to a dead worker and is failed + retried.
-HEARTBEAT_S = 5
-GRACE_S = 15
+# trial without one for GRACE_FACTOR heartbeats belongs to a dead worker and is failed + retried.
+# Optuna's documented 60/120 s is the scale: a busy SQLite file (60 s busy timeout), an
+# overloaded host or a sleeping laptop must not make a live trial look dead (--heartbeat).
+HEARTBEAT_S = 30
+GRACE_FACTOR = 4  # grace period = 4 heartbeats
 DEFAULT_TRIALS = 20
 # Trial failures the study records and goes on from: user-fixable problems (bad sampled
 # config, bad data, divergence) and runtime ones (out of memory, CUDA / allocator errors).
@@ -284,6 +286,34 @@ class StudyPlan:
     pruner: str
     metric: str
     direction: str
+    heartbeat_s: float = HEARTBEAT_S
+    base_steps: int | None = None  # the base config's training.max_steps (pruner warm-up, hyperband)
+    eval_steps: int | None = None  # its training.eval_steps: the steps at which trials report
+
+    @property
+    def grace_s(self) -> float:
+        return self.heartbeat_s * GRACE_FACTOR
+
+    @property
+    def storage_shown(self) -> str:
+        return safe_url(self.storage_url)
+
+
+def safe_url(url: str) -> str:
+    """A storage URL fit to print: the password replaced by *** (logs, CI output, scrollback)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: hide anything between :// and @
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def config_hash(base: dict[str, Any]) -> str:
+    """A short fingerprint of a study's base config (file + overrides), stored with the study."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def study_directory(output_dir: str | Path, name: str) -> Path:
@@ -307,6 +337,7 @@ def plan_study(
     pruner: str,
     metric: str,
     direction: str | None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> StudyPlan:
     """Validate every input (config, overrides, space, options) before any study exists."""
     if sampler not in SAMPLERS:
@@ -318,6 +349,8 @@ def plan_study(
     direction = direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
     if direction not in ("minimize", "maximize"):
         raise TunelabError(f"--direction: {direction!r} is neither minimize nor maximize")
+    if heartbeat_s <= 0:
+        raise TunelabError(f"--heartbeat must be a positive number of seconds, got {heartbeat_s:g}")
     if n_trials is not None and n_trials < 1:
         raise TunelabError(f"--trials must be at least 1, got {n_trials}")
     data, lines = read_config_file(config_path)
@@ -358,11 +391,12 @@ def plan_study(
     return StudyPlan(
         name=name, directory=directory, storage_url=storage or default_storage(directory), base=data,
         config_path=str(config_path), space=space, n_trials=n_trials or DEFAULT_TRIALS, timeout_s=timeout_s,
-        sampler=sampler, pruner=pruner, metric=metric, direction=direction,
+        sampler=sampler, pruner=pruner, metric=metric, direction=direction, heartbeat_s=heartbeat_s,
+        base_steps=base_config.training.max_steps, eval_steps=base_config.training.eval_steps,
     )
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat_s: float = HEARTBEAT_S):
     """An Optuna RDB storage with heartbeats, so trials of dead workers are failed and retried."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -375,15 +409,16 @@ def open_storage(url: str):
             return RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
+                heartbeat_interval=max(1, round(heartbeat_s)),
+                grace_period=max(2, round(heartbeat_s * GRACE_FACTOR)),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
     except ImportError as err:
-        raise TunelabError(f"--storage {url}: the database driver is not installed ({err}).\n"
+        raise TunelabError(f"--storage {safe_url(url)}: the database driver is not installed ({err}).\n"
                            "  fix: pip install psycopg2-binary (PostgreSQL) or pymysql (MySQL)") from None
     except Exception as err:  # SQLAlchemy: bad URL, unreachable server, wrong password
-        raise TunelabError(f"--storage {url}: cannot open the study storage: {err}") from None
+        detail = str(err).replace(url, safe_url(url))
+        raise TunelabError(f"--storage {safe_url(url)}: cannot open the study storage: {detail}") from None
 
 
 def make_sampler(name: str, space: list[Dimension], n_trials: int):
@@ -397,15 +432,20 @@ def make_sampler(name: str, space: list[Dimension], n_trials: int):
     return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, n_trials // 3)))
 
 
-def make_pruner(name: str):
+def make_pruner(name: str, *, n_trials: int = 20, max_steps: int | None = None, eval_steps: int | None = None):
     """median: stop a trial whose eval loss is worse than the median of finished trials at the
-    same step (after 2 finished trials); hyperband: successive halving over steps."""
+    same step, once a quarter of the study (2..5 trials, Optuna's default is 5) completed and
+    after the first quarter of the steps (low learning rates and long warm-ups start slowly:
+    judged at the first evaluation they would all be pruned);
+    hyperband: successive halving over steps, its smallest budget one evaluation interval
+    (trials report only at evaluations) and its largest the run's steps."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, n_trials // 4)), n_warmup_steps=(max_steps or 0) // 4)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=eval_steps or 1, max_resource=max_steps or "auto",
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -438,34 +478,59 @@ class StudyLock:
 
 
 def open_study(plan: StudyPlan):
-    """Create the study or load it; a study is bound to its space, metric and direction."""
+    """Create the study or load it; a study is bound to its space, metric, direction and base
+    config: a worker with other settings would mix incomparable trials into it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines report each trial
-    storage = open_storage(plan.storage_url)
+    storage = open_storage(plan.storage_url, plan.heartbeat_s)
     space = [d.as_dict() for d in plan.space]
     study = optuna.create_study(
         study_name=plan.name,
         storage=storage,
         sampler=make_sampler(plan.sampler, plan.space, plan.n_trials),
-        pruner=make_pruner(plan.pruner),
+        pruner=make_pruner(plan.pruner, n_trials=plan.n_trials, max_steps=plan.base_steps, eval_steps=plan.eval_steps),
         direction=plan.direction,
         load_if_exists=True,
     )
     attrs = study.user_attrs
+    base = json.loads(json.dumps(plan.base))  # as the storage gives it back (JSON)
     if "space" not in attrs:
         study.set_user_attr("space", space)
         study.set_user_attr("metric", plan.metric)
-        study.set_user_attr("config", plan.base)
+        study.set_user_attr("config", base)
+        study.set_user_attr("config_hash", config_hash(base))
         study.set_user_attr("config_path", plan.config_path)
         return study
+    where = f"study {plan.name!r} ({plan.storage_shown})"
     if attrs["space"] != space or attrs.get("metric") != plan.metric:
         raise TunelabError(
-            f"study {plan.name!r} ({plan.storage_url}) was started with another search space or metric "
+            f"{where} was started with another search space or metric "
             f"({attrs.get('metric')}), so its trials cannot be compared with new ones.\n"
             "  fix: --study NEW_NAME for a new study, or the original --space / --metric to continue it"
         )
+    stored_direction = study.direction.name.lower()
+    if stored_direction != plan.direction:
+        raise TunelabError(
+            f"{where} {stored_direction}s {plan.metric}; this worker would {plan.direction} it (pruning and the "
+            "best trial would be inverted).\n"
+            f"  fix: --direction {stored_direction} (or leave it out), or --study NEW_NAME"
+        )
+    if "config" in attrs and attrs["config"] != base:
+        changed = sorted(differing_keys(attrs["config"], base))
+        raise TunelabError(
+            f"{where} was started from another base config (hash {attrs.get('config_hash') or config_hash(attrs['config'])}, "
+            f"this one {config_hash(base)}); differing: {', '.join(changed[:8])}.\n"
+            f"  fix: the study's own config ({attrs.get('config_path')}) and overrides, or --study NEW_NAME"
+        )
     return study
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 # --- counting ---------------------------------------------------------------------------------
@@ -507,13 +572,14 @@ def fail_stale_trials(study) -> None:
 # --- one trial --------------------------------------------------------------------------------
 
 
-def trial_config(plan: StudyPlan, params: dict[str, Any], number: int) -> RunConfig:
-    """The trial's full config: base + sampled values + its own run folder; validated."""
+def trial_config(plan: StudyPlan, params: dict[str, Any], number: int, *, resume: bool = False) -> RunConfig:
+    """The trial's full config: base + sampled values + its own run folder; validated.
+    `resume`: continue trial `number`'s folder from its newest checkpoint (a stopped trial)."""
     data = json.loads(json.dumps(plan.base))
     for key, value in params.items():
         apply_override(data, key, value)
     for key, value in (("output.dir", str(plan.directory)), ("output.name", f"trial-{number}"),
-                       ("output.overwrite", False), ("training.resume", False)):
+                       ("output.overwrite", False), ("training.resume", "auto" if resume else False)):
         apply_override(data, key, value)
     try:
         return build_config(data)
@@ -560,20 +626,32 @@ def metric_value(metric: str, config: RunConfig, result) -> float:
     return float(evaluation.scores[metric])
 
 
-def run_trial(trial, plan: StudyPlan, unlock) -> float:
+def stop_and_requeue(study, trial, params: dict[str, Any], folder: int, why: str) -> None:
+    """A trial stopped by Ctrl-C / SIGTERM: not finished (not counted), not lost: the same
+    parameters are queued to continue in the same run folder from its newest checkpoint."""
+    trial.set_user_attr("stopped", why)
+    study.enqueue_trial(params, user_attrs={"resume_of": folder}, skip_if_exists=False)
+
+
+def run_trial(trial, plan: StudyPlan, unlock, stops: list) -> float:
     """Optuna objective: sample, validate, train (reporting each eval loss), score.
 
-    `unlock` releases the study lock, held from counting until this trial exists.
+    `unlock` releases the study lock, held from counting until this trial exists. A trial
+    queued by `stop_and_requeue` (user attr `resume_of`) continues that trial's run folder.
+    A Ctrl-C / SIGTERM stops the trial after its checkpoint; the stop is appended to `stops`
+    for the worker loop, which then ends the study (the exception itself Optuna would catch).
     """
     import optuna
     import torch
 
+    from tunelab.errors import TrainingInterrupted
     from tunelab.train import train
 
     unlock()
     started = time.time()
     params = {dim.key: suggest(trial, dim) for dim in plan.space}
-    run_dir = plan.directory / f"trial-{trial.number}"
+    folder = int(trial.user_attrs.get("resume_of", trial.number))
+    run_dir = plan.directory / f"trial-{folder}"
     trial.set_user_attr("run_dir", str(run_dir))
     console.rule(f"trial {trial.number}: {format_params(params)}", style="dim")
 
@@ -592,7 +670,7 @@ def run_trial(trial, plan: StudyPlan, unlock) -> float:
             write_text_atomic(run_dir / "trial.json", json.dumps(info, indent=2) + "\n")
 
     try:
-        config = trial_config(plan, params, trial.number)
+        config = trial_config(plan, params, folder, resume=folder != trial.number)
         result = train(config, config_path=plan.config_path, on_eval=report)
         if result.train_loss is not None and not math.isfinite(result.train_loss):
             raise Diverged(f"diverged: training loss is {result.train_loss}")
@@ -603,6 +681,20 @@ def run_trial(trial, plan: StudyPlan, unlock) -> float:
         record("complete", value, None)
         console.print(f"[green]trial {trial.number} complete[/]: {plan.metric} {value:.4f}", highlight=False)
         return value
+    except TrainingInterrupted as err:
+        why = str(err).splitlines()[0]
+        stop_and_requeue(trial.study, trial, params, folder, f"{why}; the next `tunelab hpo` continues it")
+        record("interrupted", None, why)
+        stops.append(err)
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped at once, complete checkpoints only
+        import signal
+
+        stop_and_requeue(trial.study, trial, params, folder,
+                         "stopped at once (second signal); the next `tunelab hpo` continues from its newest checkpoint")
+        record("interrupted", None, "stopped at once")
+        stops.append(TrainingInterrupted(f"trial {trial.number} stopped at once", signal.SIGINT))
+        raise
     except optuna.TrialPruned as err:
         trial.set_user_attr("message", str(err))
         trial.set_user_attr("seconds", round(time.time() - started, 2))
@@ -617,6 +709,10 @@ def run_trial(trial, plan: StudyPlan, unlock) -> float:
         trial.set_user_attr("seconds", round(time.time() - started, 2))
         record("failed", None, message)
         console.print(f"[red]trial {trial.number} failed[/]: {message}", highlight=False, soft_wrap=True)
+        raise
+    except Exception as err:  # a bug or an unexpected error: recorded as a crash, the worker stops
+        trial.set_user_attr("crashed", f"{type(err).__name__}: {str(err).strip()[:300]}")
+        record("crashed", None, f"{type(err).__name__}: {err}")
         raise
     finally:
         # A pruned or failed trial's traceback holds the model: free it before the next trial.
@@ -633,38 +729,62 @@ def run_study(plan: StudyPlan) -> Any:
 
     Each round, under the study lock: fail trials of dead workers, count, and create the next
     trial. When every remaining slot is taken by a trial running elsewhere, wait for it (it
-    may belong to a dead worker and come back as a retry). Returns the study.
+    may belong to a dead worker and come back as a retry). results.csv and best.yaml are
+    rewritten after every trial. Ctrl-C / SIGTERM: the running trial checkpoints and is queued
+    to continue, the outputs are written, and TrainingInterrupted (exit 128 + signal) ends the
+    worker; a signal between trials stops before the next one. Returns the study.
     """
+    from tunelab.errors import TrainingInterrupted
+    from tunelab.stopping import StopRequest
+
     started = time.time()
     with StudyLock(plan.directory):
         study = open_study(plan)
     console.print(
         f"[bold]study[/] {plan.name}: {plan.n_trials} trials, sampler {plan.sampler}, pruner {plan.pruner}, "
-        f"{plan.direction} {plan.metric}\n  storage {plan.storage_url}\n  space: "
+        f"{plan.direction} {plan.metric}\n  storage {plan.storage_shown}\n  space: "
         + "; ".join(d.describe() for d in plan.space),
         highlight=False,
     )
     waited = False
-    while True:
-        if plan.timeout_s is not None and time.time() - started > plan.timeout_s:
-            console.print(f"[yellow]--timeout {plan.timeout_s:g}s reached[/]: no new trials from this worker")
-            break
-        with StudyLock(plan.directory) as lock:
-            fail_stale_trials(study)
-            counts = count_trials(study)
-            if counts.finished >= plan.n_trials:
-                break
-            free = plan.n_trials - counts.finished - counts.running - counts.waiting
-            if counts.waiting == 0 and free <= 0:
-                if not waited:
-                    console.print(f"waiting for {counts.running} trial(s) running in other workers", highlight=False)
-                    waited = True
-                lock.release()
-                time.sleep(HEARTBEAT_S)
-                continue
-            waited = False
-            study.optimize(lambda trial: run_trial(trial, plan, lock.release), n_trials=1, catch=TRIAL_FAILURES)
+    stops: list[TrainingInterrupted] = []
+    with StopRequest() as between_trials:
+        try:
+            while not stops and between_trials.signum is None:
+                if plan.timeout_s is not None and time.time() - started > plan.timeout_s:
+                    console.print(f"[yellow]--timeout {plan.timeout_s:g}s reached[/]: no new trials from this worker")
+                    break
+                with StudyLock(plan.directory) as lock:
+                    fail_stale_trials(study)
+                    counts = count_trials(study)
+                    if counts.finished >= plan.n_trials:
+                        break
+                    free = plan.n_trials - counts.finished - counts.running - counts.waiting
+                    if counts.waiting == 0 and free <= 0:
+                        if not waited:
+                            console.print(f"waiting for {counts.running} trial(s) running in other workers", highlight=False)
+                            waited = True
+                        lock.release()
+                        time.sleep(plan.heartbeat_s)
+                        continue
+                    waited = False
+                    study.optimize(lambda trial: run_trial(trial, plan, lock.release, stops), n_trials=1,
+                                   catch=TRIAL_FAILURES)
+                write_outputs(study, plan, report=False)
+        except KeyboardInterrupt:  # a second signal outside a trial's training loop
+            stops.append(TrainingInterrupted("stopped at once", 2))
     write_outputs(study, plan)
+    signum = stops[0].signum if stops else between_trials.signum
+    if signum:
+        import signal
+
+        raise TrainingInterrupted(
+            f"study {plan.name} stopped by {signal.Signals(signum).name}"
+            + (f" ({stops[0]})" if stops else " between trials") + ".\n"
+            "  the stopped trial is not counted and continues from its checkpoint: run the same `tunelab hpo` "
+            "command again to go on",
+            signum,
+        )
     return study
 
 
@@ -689,8 +809,14 @@ def trial_rows(study) -> list[TrialRow]:
         state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                  TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[t.state]
         message = t.user_attrs.get("message", "")
-        if is_interrupted(t):
-            state, message = "interrupted", "worker stopped during the trial; its parameters are run again"
+        if "stopped" in t.user_attrs:  # Ctrl-C / SIGTERM: checkpointed, queued to continue
+            state, message = "interrupted", t.user_attrs["stopped"]
+        elif "crashed" in t.user_attrs:
+            state, message = "crashed", f"{t.user_attrs['crashed']} (see the worker's log)"
+        elif is_interrupted(t):
+            state, message = "interrupted", "worker died (no heartbeat); its parameters are run again"
+        if "resume_of" in t.user_attrs and not message:
+            message = f"continues trial {t.user_attrs['resume_of']} from its checkpoint"
         if "failed_trial" in t.system_attrs and not message:
             message = f"retry of trial {t.system_attrs['failed_trial']}"
         seconds = t.user_attrs.get("seconds")
@@ -740,8 +866,9 @@ def best_trial(study):
     return study.best_trial
 
 
-def write_outputs(study, plan: StudyPlan) -> None:
-    """results.csv, best.yaml and report.html in the study folder (each written atomically)."""
+def write_outputs(study, plan: StudyPlan, *, report: bool = True) -> None:
+    """results.csv, best.yaml and (`report`) report.html in the study folder, each written
+    atomically; the first two after every trial, the report (several MB) at the end."""
     rows = trial_rows(study)
     keys = list(dict.fromkeys(k for row in rows for k in row.params))
     buffer = io.StringIO()
@@ -753,14 +880,26 @@ def write_outputs(study, plan: StudyPlan) -> None:
     best = best_trial(study)
     if best is not None:
         write_text_atomic(plan.directory / "best.yaml", best_config_yaml(plan, best))
-    write_text_atomic(plan.directory / "report.html", study_report_html(study, plan.metric))
+    if report:
+        write_text_atomic(plan.directory / "report.html", study_report_html(study, plan.metric))
 
 
 def best_config_yaml(plan: StudyPlan, best) -> str:
-    """The best trial's complete config, writing its own run folder `<output.dir>/STUDY-best`."""
-    data = json.loads(json.dumps(plan.base))
-    for key, value in best.params.items():
-        apply_override(data, key, value)
+    """The best trial's complete config, writing its own run folder `<output.dir>/STUDY-best`.
+
+    It is the config the trial itself trained with (its run folder's config.yaml), not this
+    worker's base plus the trial's values: that reproduces the trial even when the base
+    changed. Trials of old studies without a config.yaml fall back to base + values.
+    """
+    import yaml
+
+    trial_yaml = Path(best.user_attrs.get("run_dir", "")) / "config.yaml"
+    if best.user_attrs.get("run_dir") and trial_yaml.is_file():
+        data = yaml.safe_load(trial_yaml.read_text(encoding="utf-8"))
+    else:
+        data = json.loads(json.dumps(plan.base))
+        for key, value in best.params.items():
+            apply_override(data, key, value)
     base_output = build_config(plan.base).output
     apply_override(data, "output.dir", base_output.dir)
     apply_override(data, "output.name", f"{plan.name}-best")
@@ -831,7 +970,7 @@ def load_existing_study(study: str, *, storage: str | None, output_dir: str = "r
         return optuna.load_study(study_name=name, storage=open_storage(storage))
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage=open_storage(storage))]
-        raise TunelabError(f"{storage} has no study {name!r} (it has: {', '.join(names) or 'none'})") from None
+        raise TunelabError(f"{safe_url(storage)} has no study {name!r} (it has: {', '.join(names) or 'none'})") from None
 
 
 def show_summary(study) -> str:

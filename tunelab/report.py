@@ -211,16 +211,45 @@ def key_value_table(items: dict) -> str:
     return "<table>" + "".join(rows) + "</table>" if rows else ""
 
 
+def score_cell(scores: dict, key: str, spec: str) -> str:
+    """A score with its 95% interval underneath when `tunelab eval` stored one (scores["intervals"])."""
+    from tunelab.compare import format_interval
+
+    text = html.escape(format_value(scores.get(key), spec))
+    intervals = scores.get("intervals")
+    interval = format_interval(key, intervals.get(key)) if isinstance(intervals, dict) and scores.get(key) is not None else ""
+    return f'<td class="num">{text}' + (f"<br><span class=muted>{html.escape(interval)}</span>" if interval else "") + "</td>"
+
+
+def comparison_cell(scores: dict) -> str:
+    """The paired differences to the comparison's first model (scores["compared_to"]), one per line."""
+    from tunelab.compare import DIFFERENCE_TITLES, format_difference
+
+    compared = scores.get("compared_to")
+    if not isinstance(compared, dict):
+        return "<td></td>"
+    lines = [f"vs {compared.get('model', '?')}:"] + [
+        f"{title} {format_difference(key, compared[key])}" for key, title in DIFFERENCE_TITLES.items() if isinstance(compared.get(key), dict)
+    ]
+    return "<td>" + "<br>".join(html.escape(line) for line in lines) + "</td>"
+
+
 def scores_table(scores_by_data: dict[str, dict]) -> str:
-    """One row per evaluated data set, one column per score any of them has."""
+    """One row per evaluated data set, one column per score any of them has; 95% intervals under
+    the scores and, for a model compared with another, the paired differences in a last column."""
     columns = [c for c in SCORE_COLUMNS if any(s.get(c[0]) is not None for s in scores_by_data.values())]
-    head = "<tr><th>data</th><th>model</th>" + "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns) + "</tr>"
+    compared = any(isinstance(s.get("compared_to"), dict) for s in scores_by_data.values())
+    head = ("<tr><th>data</th><th>model</th>" + "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
+            + ("<th>difference (paired bootstrap 95% interval; * excludes 0)</th>" if compared else "") + "</tr>")
     rows = []
     for name, scores in scores_by_data.items():
-        cells = "".join(f'<td class="num">{html.escape(format_value(scores.get(key), spec))}</td>' for key, _, spec in columns)
+        cells = "".join(score_cell(scores, key, spec) for key, _, spec in columns)
         model = html.escape(str(scores.get("model", "")))
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{model}</td>{cells}</tr>")
-    return f'<table class="scores">{head}{"".join(rows)}</table>'
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{model}</td>{cells}{comparison_cell(scores) if compared else ''}</tr>")
+    note = ""
+    if any(isinstance(s.get("intervals"), dict) for s in scores_by_data.values()):
+        note = "<p class=note>Under each score: its 95% interval (Wilson for proportions, bootstrap over examples otherwise).</p>"
+    return f'<table class="scores">{head}{"".join(rows)}</table>{note}'
 
 
 def shorten(text: str, limit: int = SAMPLE_CHARS) -> str:

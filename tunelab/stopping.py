@@ -2,8 +2,8 @@
 
 The first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `kill`, `docker stop`)
 only raises a flag: the loop finishes its optimizer step, writes a checkpoint and exits
-with 128 + the signal number. A second Ctrl-C, at least `REPEAT_SECONDS` after the first,
-stops at once (KeyboardInterrupt); checkpoints and the final model are written into
+with 128 + the signal number. A second Ctrl-C or SIGTERM, at least `REPEAT_SECONDS` after the
+first, stops at once (KeyboardInterrupt); checkpoints and the final model are written into
 temporary directories and renamed, so that leaves nothing half-written either.
 """
 
@@ -54,7 +54,7 @@ class StopRequest:
                 name = signal.Signals(signum).name
                 os.write(2, f"\n{name}: stopping after this step and writing a checkpoint "
                             "(Ctrl-C again to stop at once)\n".encode())
-        elif signum == signal.SIGINT and now - self.received_at >= REPEAT_SECONDS:
+        elif now - self.received_at >= REPEAT_SECONDS:  # a second Ctrl-C, or a scheduler's second SIGTERM
             raise KeyboardInterrupt
 
 

@@ -42,6 +42,7 @@ from tunelab.errors import TrainingInterrupted, TunelabError
 from tunelab.files import write_text_atomic
 from tunelab.fused_lora import fuse_lora_layers
 from tunelab.loss import TargetTokenLoss
+from tunelab.runlock import RunLock, describe_holder
 from tunelab.stopping import StopRequest, resume_command
 from tunelab.tasks import task_module
 
@@ -529,7 +530,22 @@ def train(
     `on_eval(step, eval_loss)` is called after each evaluation during training (not the
     step-0 baseline); HPO uses it to report to the pruner. An exception it raises stops the
     run there and propagates (the run folder keeps what was written so far, no final/).
+    The run folder is locked for the whole training (tunelab/runlock.py): a second training
+    into it stops at once with an error naming the first. Under a launcher only global rank
+    0 holds the lock (a failure there ends the launch).
     """
+    run_dir = Path(config.output.dir) / run_name(config, config_path)
+    lock = RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    with lock or contextlib.nullcontext():
+        if lock is not None and lock.took_over and not quiet:
+            console.print(f"[yellow]took over a stale lock[/] of {run_dir}: {describe_holder(lock.took_over)} is gone",
+                          highlight=False)
+        return _train(config, config_path=config_path, quiet=quiet, on_eval=on_eval)
+
+
+def _train(config: RunConfig, *, config_path: str | None, quiet: bool,
+           on_eval: Callable[[int, float], None] | None) -> TrainResult:
+    """`train` inside the run folder's lock."""
     from tunelab.models import TORCH_DTYPES, add_lora, count_parameters, freeze_parameters
 
     # ---- setup: unpack the config -----------------------------------------------------------

@@ -15,6 +15,8 @@ Formats (auto-detected per file from the fields of its first records, or forced)
   sharegpt   conversations: [{from, value}]                    from human/gpt/system -> user/assistant/system
   qa         question + answer, or problem + solution          user: question, assistant: answer (e.g. GSM8K)
   custom     a field mapping {prompt, response, system?}       user: prompt, assistant: response
+  preference chosen + rejected (+ prompt)                        pairs for task: preference (tunelab/data/preference.py)
+  kto        prompt + completion + label                         labelled completions for task: preference, loss kto
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from tunelab.data.sources import DataStats, Location, Record
 from tunelab.errors import DataError, TunelabError
 
-FORMATS: tuple[str, ...] = ("text", "alpaca", "dolly", "chat", "sharegpt", "qa", "custom")
+FORMATS: tuple[str, ...] = ("text", "alpaca", "dolly", "chat", "sharegpt", "qa", "custom", "preference", "kto")
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMAT_FIELDS: dict[str, str] = {
@@ -37,6 +39,11 @@ FORMAT_FIELDS: dict[str, str] = {
     "chat": '"messages": a list of {"role", "content"}',
     "sharegpt": '"conversations": a list of {"from", "value"}',
     "qa": '"question" and "answer" (or "problem" and "solution")',
+}
+# Read by tunelab/data/preference.py (task: preference); named here so detection knows them.
+PREFERENCE_FIELDS: dict[str, str] = {
+    "preference": '"prompt", "chosen" and "rejected" (strings or message lists), or "chosen" and "rejected" conversations',
+    "kto": '"prompt", "completion" and "label" (true for a desirable completion)',
 }
 # Records of a file whose field names decide its format: enough to see optional fields.
 DETECTION_SAMPLE = 100
@@ -74,6 +81,11 @@ class Example:
 def detect_format(fields: Iterable[str]) -> str | None:
     """The format named by a set of record field names, or None when no format matches."""
     keys = set(fields)
+    # Preference data first: UltraFeedback-binarized pairs also carry a "messages" field.
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if {"completion", "label"} <= keys:
+        return "kto"
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
@@ -131,6 +143,14 @@ def normalise(
         raise TunelabError('format "custom" needs a field mapping: {"prompt": FIELD, "response": FIELD, "system": FIELD (optional)}')
 
     formats = _formats_by_file(records) if fmt == "auto" else {}
+    preference = sorted({fmt, *formats.values()} & {"preference", "kto"})
+    if preference:
+        where = next(r.source.path for r in records if formats.get(r.source.path, fmt) in preference) if records else None
+        raise DataError(
+            f"this is preference data ({preference[0]}: {PREFERENCE_FIELDS[preference[0]]}), which trains with task: preference.\n"
+            "  fix: set task: preference (see docs/preference.md), or give prompt/response data for supervised fine-tuning",
+            path=where,
+        )
     if fmt == "auto":  # only the records that will be read (`limit`: a preview of the first ones)
         check_one_format_per_file(records if limit is None else records[:limit])
     examples = []

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-KINDS = ("reasoning", "text", "chat", "classification")
+KINDS = ("reasoning", "text", "chat", "classification", "preference")
 DEFAULT_DIFFICULTY = 2
 # Records are only shown a progress bar from this many on; smaller files take well under a second.
 PROGRESS_THRESHOLD = 5000
@@ -400,6 +401,78 @@ def reasoning_train_test(
 
 
 # ---------------------------------------------------------------------------------------
+# Preference pairs: the correct worked answer against one with a single arithmetic slip
+# ---------------------------------------------------------------------------------------
+
+EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def _slipped_answer(answer: str, rng: random.Random) -> str | None:
+    """The worked answer with one result off by a little (1, 2 or 10), carried into the later lines.
+
+    A later line whose left operand is the value that was wrong computes on with the wrong
+    value (exact integer arithmetic still); the `####` line gives the final, wrong result.
+    None when the slip cannot be carried consistently (a division would leave a remainder).
+    """
+    lines = answer.split("\n")
+    equations = [i for i, line in enumerate(lines) if EQUATION.search(line)]
+    at = rng.choice(equations)
+    a, op, b, right = EQUATION.search(lines[at]).groups()
+    right = int(right)
+    wrong = right + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if right + d >= 0])
+    lines[at] = EQUATION.sub(f"{a} {op} {b} = {wrong}", lines[at], count=1)
+    carried = {right: wrong}  # a correct value -> the wrong value the slipped answer has instead
+    final = wrong
+    for i in equations[equations.index(at) + 1 :]:
+        a, op, b, result = (int(x) if x.isdigit() else x for x in EQUATION.search(lines[i]).groups())
+        if a not in carried:
+            continue
+        new_a = carried[a]
+        if op == "/" and new_a % b:
+            return None
+        if op == "-" and new_a < b:
+            return None
+        final = _apply(new_a, op, b)
+        carried = {result: final}
+        lines[i] = EQUATION.sub(f"{new_a} {op} {b} = {final}", lines[i], count=1)
+    correct = int(lines[-1].removeprefix("#### "))
+    if correct in carried:
+        final = carried[correct]
+    elif final != wrong or at != equations[-1]:
+        return None  # the slip did not reach the final answer
+    if final == correct:
+        return None
+    lines[-1] = f"#### {final}"
+    return "\n".join(lines)
+
+
+def _preference_pair(problem: dict[str, str], rng: random.Random) -> dict[str, str]:
+    """{"prompt", "chosen", "rejected"}: chosen is the correct worked answer, rejected one slip away."""
+    for _ in range(10):
+        rejected = _slipped_answer(problem["answer"], rng)
+        if rejected is not None:
+            break
+    else:  # slip only the last equation: it always reaches the final line
+        lines = problem["answer"].split("\n")
+        last = max(i for i, line in enumerate(lines) if EQUATION.search(line))
+        a, op, b, right = EQUATION.search(lines[last]).groups()
+        lines[last] = EQUATION.sub(f"{a} {op} {b} = {int(right) + 1}", lines[last], count=1)
+        lines[-1] = f"#### {int(right) + 1}"
+        rejected = "\n".join(lines)
+    return {"prompt": problem["question"], "chosen": problem["answer"], "rejected": rejected}
+
+
+def iter_preference_pairs(seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY) -> Iterator[dict[str, str]]:
+    """An endless stream of distinct preference pairs over the reasoning problems of `seed`.
+
+    The prompts are exactly `iter_reasoning_problems(seed, difficulty)`'s questions, in
+    order, so pairs from seed S never share a question with a held-out split of seed S.
+    """
+    rng = random.Random(f"slips-{seed}")
+    return (_preference_pair(problem, rng) for problem in iter_reasoning_problems(seed, difficulty))
+
+
+# ---------------------------------------------------------------------------------------
 # Plain text and chat records (small, varied data for tests and examples)
 # ---------------------------------------------------------------------------------------
 
@@ -585,7 +658,7 @@ def check_kind(kind: str) -> str:
 
 
 def iter_records(kind: str, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY) -> Iterator[dict[str, Any]]:
-    """The endless distinct stream for a kind: "reasoning", "text" or "chat"."""
+    """The endless distinct stream for a kind: "reasoning", "text", "chat", "classification" or "preference"."""
     check_kind(kind)
     if kind == "reasoning":
         return iter_reasoning_problems(seed, difficulty)
@@ -593,6 +666,8 @@ def iter_records(kind: str, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY)
         return iter_text_records(seed)
     if kind == "classification":
         return iter_classification_records(seed, difficulty)
+    if kind == "preference":
+        return iter_preference_pairs(seed, difficulty)
     return iter_chat_records(seed)
 
 
@@ -661,10 +736,10 @@ def synthesize_files(
     """
     check_kind(kind)
     _check_count(n, "-n")
-    if difficulty is not None and kind not in ("reasoning", "classification"):
-        raise TunelabError(f"--difficulty applies only to --kind reasoning and classification (got --kind {kind})\n  fix: drop --difficulty")
+    if difficulty is not None and kind not in ("reasoning", "classification", "preference"):
+        raise TunelabError(f"--difficulty applies only to --kind reasoning, preference and classification (got --kind {kind})\n  fix: drop --difficulty")
     level = DEFAULT_DIFFICULTY if difficulty is None else difficulty
-    if kind == "reasoning":
+    if kind in ("reasoning", "preference"):
         check_difficulty(level)
     if kind == "classification" and level not in CLASSIFICATION_DIFFICULTIES:
         raise TunelabError(f"--difficulty for --kind classification is 1 (keywords only) or 2 (default: with ruled-out words), got {level}")

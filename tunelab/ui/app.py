@@ -84,6 +84,12 @@ def session_of(request: gr.Request | None) -> str:
     return request.session_hash if request is not None and request.session_hash else "api"
 
 
+def polling(trainer: core.TrainingManager) -> gr.Timer:
+    """The Train tab's timer: ticking only while a training runs, so idle pages (every open tab,
+    all day) do not re-read metrics.jsonl and the log every second."""
+    return gr.Timer(active=trainer.job is not None and trainer.job.running)
+
+
 def build_app(
     workspace: core.Workspace,
     cache: core.ModelCache,
@@ -262,6 +268,7 @@ def build_app(
                     send = gr.Button("Send", variant="primary", elem_id="chat-send")
                     stop = gr.Button("Stop", elem_id="chat-stop")
                     clear = gr.Button("Clear", elem_id="chat-clear")
+                    unload = gr.Button("Unload models", elem_id="chat-unload")
                 chat_inputs = [chat_input, chatbot, chat_model, chat_system, chat_temperature, chat_top_p, chat_max]
                 chat_outputs = [chatbot, chat_input, memory]
                 send.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=concurrency, concurrency_id=GENERATE)
@@ -269,6 +276,7 @@ def build_app(
                 stop.click(stop_reply, None, None, api_name="stop", concurrency_limit=None)
                 clear.click(clear_chat, None, chatbot, api_name="clear", concurrency_limit=None)
                 chat_refresh.click(model_dropdown_update, None, chat_model, api_name="models", concurrency_limit=None)
+                unload.click(cache.unload, None, memory, api_name="unload", concurrency_limit=None)
 
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("One prompt, two or three models side by side (e.g. the base model and a fine-tuned run).")
@@ -372,11 +380,13 @@ def build_app(
                 train_outputs = [train_status, train_log, train_loss]
                 config_pick.input(load_config, config_pick, [config_editor, config_check, train_name], api_name="load_config", concurrency_limit=None)
                 config_editor.change(check_config, config_editor, config_check, api_name="check_config", concurrency_limit=None)
-                train_start.click(start_training, [config_editor, train_name, train_data], train_outputs, api_name="train_start", concurrency_limit=None)
-                train_stop.click(stop_training, None, train_outputs, api_name="train_stop", concurrency_limit=None)
-                train_resume.click(resume_training, train_name, train_outputs, api_name="train_resume", concurrency_limit=None)
-                timer = gr.Timer(poll_s)
-                timer.tick(poll, None, train_outputs, api_name="train_poll", concurrency_limit=None, show_progress="hidden")
+                timer = gr.Timer(poll_s, active=False)  # switched on while a training runs (polling)
+                switch = dict(fn=lambda: polling(trainer), inputs=None, outputs=timer, api_visibility="private", concurrency_limit=None)
+                train_start.click(start_training, [config_editor, train_name, train_data], train_outputs, api_name="train_start", concurrency_limit=None).then(**switch)
+                train_stop.click(stop_training, None, train_outputs, api_name="train_stop", concurrency_limit=None).then(**switch)
+                train_resume.click(resume_training, train_name, train_outputs, api_name="train_resume", concurrency_limit=None).then(**switch)
+                timer.tick(poll, None, train_outputs, api_name="train_poll", concurrency_limit=None, show_progress="hidden").then(**switch)
+                demo.load(**switch)
     return demo
 
 
@@ -391,14 +401,27 @@ def launch(
     max_upload_mb: int = 50,
     concurrency: int = 2,
     block: bool = True,
+    token: str | None = None,
+    allowed_hosts: set[str] | None = frozenset(),
 ):
-    """Start the server (queue on, uploads capped, report.html files of the runs folder servable)."""
+    """Start the server (queue on, uploads capped, report.html files of the runs folder servable).
+
+    `token`: every request must carry it (tunelab/ui/access.py); `allowed_hosts`: names the
+    Host header may give besides loopback, this machine's names and IP addresses (None: no
+    Host check, for --share).
+    """
+    from starlette.middleware import Middleware
+
+    from tunelab.ui.access import AccessMiddleware
+
     demo.queue(default_concurrency_limit=concurrency, max_size=200)
+    guard = Middleware(AccessMiddleware, token=token, allowed_hosts=None if share else set(allowed_hosts or ()))
     return demo.launch(
         server_name=host,
         server_port=port,
         auth=auth,
         share=share,
+        app_kwargs={"middleware": [guard]},
         max_file_size=f"{max_upload_mb}mb",
         allowed_paths=[str(workspace.runs_dir)],
         prevent_thread_lock=not block,

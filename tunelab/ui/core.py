@@ -27,6 +27,7 @@ import psutil
 import yaml
 
 from tunelab.errors import TunelabError
+from tunelab.runlock import describe_holder, running_holder
 
 if TYPE_CHECKING:
     from tunelab.engine import Engine, GenerationRequest
@@ -44,10 +45,12 @@ ENGINE_SLOTS = 8  # requests one model decodes at once in the UI (more wait in i
 
 @dataclass
 class Workspace:
-    """The folders the UI may read: the runs folder, data folders and the working directory.
+    """The folders the UI may read: the runs folder, ./data and the --data-dir folders.
 
     Every path typed into the UI (a model, a data file, a run) goes through `check_path`,
     so a user of a shared UI cannot read /etc/passwd or another user's home through it.
+    Relative paths are taken from the working directory, which is not a root itself: started
+    from $HOME, the UI would otherwise serve the whole home directory.
     """
 
     runs_dir: Path
@@ -61,7 +64,7 @@ class Workspace:
 
     @property
     def roots(self) -> list[Path]:
-        return [self.runs_dir, *self.data_dirs, self.cwd]
+        return [self.runs_dir, (self.cwd / "data").resolve(), *self.data_dirs]
 
     @property
     def configs_dir(self) -> Path:
@@ -95,11 +98,13 @@ class Workspace:
         return str(path)
 
     def run_dir(self, name: str) -> Path:
-        """RUNS/NAME for a run name picked in the UI (no path tricks: one folder name)."""
+        """RUNS/NAME for a run name picked in the UI: plain folder names, `/`-separated for
+        runs in subfolders (HPO trials: hpo/STUDY/trial-3); no `..`, no hidden folders."""
         name = (name or "").strip()
-        if not name or "/" in name or name.startswith(".") or "\\" in name:
+        parts = name.split("/")
+        if not name or "\\" in name or any(not part or part.startswith(".") for part in parts):
             raise TunelabError(f"not a run name: {name!r}\n  fix: pick a run from the table")
-        return self.runs_dir / name
+        return self.runs_dir.joinpath(*parts)
 
 
 # ----------------------------------------------------------------------------- access
@@ -199,16 +204,35 @@ class ModelCache:
         model, tokenizer = self.get(source)
         key = source or DEFAULT_SOURCE
         with self._lock:
-            for name, old in list(self._engines.items()):
-                stale = name not in self._models or self._models[name][0] is not old.model
-                if stale and old.active == 0 and old.waiting == 0:
-                    del self._engines[name]
-                    old.close()
+            self._drop_idle_engines()
             engine = self._engines.get(key)
             if engine is None or engine.model is not model:
                 engine = self._engines[key] = Engine(model, tokenizer, max_batch_size=ENGINE_SLOTS)
                 engine.start()
         return engine
+
+    def _drop_idle_engines(self) -> None:
+        """Close the engines of models no longer cached, once they have no request (call with the lock)."""
+        for name, old in list(self._engines.items()):
+            stale = name not in self._models or self._models[name][0] is not old.model
+            if stale and old.active == 0 and old.waiting == 0:
+                del self._engines[name]
+                old.close()
+
+    def unload(self) -> str:
+        """Drop every cached model and hand the memory back (the Unload button; a training on
+        the same GPU needs it). A reply still streaming keeps its model (and engine) until it ends."""
+        import gc
+
+        import torch
+
+        with self._lock:
+            self._models.clear()
+            self._drop_idle_engines()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self.describe()
 
     def describe(self) -> str:
         """One line per loaded model (parameters, weight memory) and the process's memory."""
@@ -231,7 +255,7 @@ def model_choices(workspace: Workspace) -> list[tuple[str, str]]:
     choices = [("default (bundled SmolLM2-135M-Instruct)", DEFAULT_SOURCE)]
     for run in run_folders(workspace.runs_dir):
         if (run / "final").is_dir() and not is_classifier(str(run)):
-            choices.append((f"run: {run.name}", str(run)))
+            choices.append((f"run: {run_label(workspace.runs_dir, run)}", str(run)))
     return choices
 
 
@@ -295,12 +319,30 @@ def chat_stream(
 # ----------------------------------------------------------------------------- runs
 
 
-def run_folders(runs_dir: Path) -> list[Path]:
-    """Run folders under RUNS (those with a config.yaml), newest first."""
-    if not runs_dir.is_dir():
-        return []
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file()]
+def run_folders(runs_dir: Path, depth: int = 3) -> list[Path]:
+    """Run folders under RUNS (those with a config.yaml), newest first, also in subfolders up to
+    `depth` levels (HPO trials: RUNS/hpo/STUDY/trial-K); a run's own folders are not searched."""
+    runs: list[Path] = []
+    folders = [runs_dir] if runs_dir.is_dir() else []
+    for _ in range(depth):
+        deeper = []
+        for folder in folders:
+            for path in folder.iterdir():
+                if not path.is_dir() or path.name.startswith("."):
+                    continue
+                (runs if (path / "config.yaml").is_file() else deeper).append(path)
+        folders = deeper
     return sorted(runs, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)
+
+
+def run_label(runs_dir: Path, run: Path) -> str:
+    """A run's name in the UI: its path under RUNS (`tiny`, `hpo/lr/trial-3`)."""
+    return run.relative_to(runs_dir).as_posix()
+
+
+def for_people(value):
+    """A number as people read it in a table (4 decimals: eval loss 0.0514); others unchanged."""
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def _score_text(scores_by_data: dict[str, dict], summary: dict) -> str:
@@ -332,7 +374,8 @@ def run_rows(workspace: Workspace, active: str | None = None) -> list[list]:
         summary = read_json(run / "eval.json")
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval_loss" in r]
-        if run.name == active:
+        name = run_label(workspace.runs_dir, run)
+        if name == active or running_holder(run) is not None:
             status = "training"
         elif (run / "final").is_dir():
             status = "done"
@@ -340,14 +383,14 @@ def run_rows(workspace: Workspace, active: str | None = None) -> list[list]:
             checkpoint = latest_checkpoint(run / "checkpoints")
             status = f"stopped at {checkpoint.name}" if checkpoint else "incomplete"
         rows.append([
-            run.name,
+            name,
             status,
             config.get("method"),
             (config.get("model") or {}).get("name") or DEFAULT_SOURCE,
             str((config.get("data") or {}).get("train") or ""),
             train[-1]["step"] if train else 0,
-            summary.get("train_loss", train[-1]["loss"] if train else None),
-            summary.get("eval_loss", evals[-1]["eval_loss"] if evals else None),
+            for_people(summary.get("train_loss", train[-1]["loss"] if train else None)),
+            for_people(summary.get("eval_loss", evals[-1]["eval_loss"] if evals else None)),
             _score_text(evaluation_scores(run, summary), summary),
         ])
     return rows
@@ -400,7 +443,7 @@ def run_details(workspace: Workspace, name: str) -> RunDetails:
     summary_text = "\n".join(f"{k}: {format_value(v)}" for k, v in flat.items()) or "no eval.json yet"
     report = run / "report.html"
     return RunDetails(
-        name=run.name,
+        name=run_label(workspace.runs_dir, run),
         loss=loss,
         lr=lr,
         scores=scores,
@@ -522,19 +565,56 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 @dataclass
 class TrainingJob:
-    """A `tunelab train` subprocess started from the UI, with its log file and run folder."""
+    """A `tunelab train` process: started from this UI (`process`), or found running when the UI
+    started (`process` None: a training of an earlier UI or the CLI, known by its run-folder lock)."""
 
     name: str
     run_dir: Path
     command: list[str]
-    log_path: Path
-    process: subprocess.Popen
+    log_path: Path | None
+    process: subprocess.Popen | None
+    pid: int
     started: float = field(default_factory=time.time)
     stop_requested: bool = False
+    killed: bool = False
+
+    @property
+    def adopted(self) -> bool:
+        return self.process is None
 
     @property
     def running(self) -> bool:
-        return self.process.poll() is None
+        if self.process is not None:
+            return self.process.poll() is None
+        holder = running_holder(self.run_dir)
+        return holder is not None and holder.get("pid") == self.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the training's whole process group (launcher, DataLoader and compile
+        workers too), when the training leads its own group (the UI starts it so)."""
+        if os.getpgid(self.pid) == self.pid:
+            os.killpg(self.pid, sig)
+        else:  # a CLI training in a shell's job group: only the trainer itself
+            os.kill(self.pid, sig)
+
+    def wait(self, seconds: float) -> bool:
+        """True when the training ended within `seconds`."""
+        if self.process is not None:
+            try:
+                self.process.wait(seconds)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not self.running:
+                return True
+            time.sleep(0.2)
+        return not self.running
 
 
 class TrainingManager:
@@ -542,50 +622,98 @@ class TrainingManager:
 
     The config (as edited) is saved as RUNS/.ui/NAME.yaml and run with `output.dir=RUNS
     output.name=NAME`, so the run lands in the runs folder; its output goes to RUNS/.ui/NAME.log.
+    Configs that would run code from a model repository (`model.trust_remote_code: true`),
+    delete a run's results (`output.overwrite: true`) or download from the Hugging Face Hub
+    are refused unless the server was started with --allow-remote-code / --allow-overwrite /
+    --allow-hub: anyone who can use the UI could otherwise do all three.
     """
 
-    def __init__(self, workspace: Workspace):
+    def __init__(self, workspace: Workspace, *, allow_remote_code: bool = False, allow_overwrite: bool = False,
+                 allow_hub: bool = False):
         self.workspace = workspace
+        self.allow_remote_code = allow_remote_code
+        self.allow_overwrite = allow_overwrite
+        self.allow_hub = allow_hub
         self.job: TrainingJob | None = None
         self._lock = threading.Lock()
 
+    def adopt_running(self) -> str | None:
+        """Take over the watch of a training still running in the runs folder (started by an
+        earlier UI, or the CLI): its run-folder lock names it. Returns what was found."""
+        for run in run_folders(self.workspace.runs_dir):
+            holder = running_holder(run)
+            if holder is not None:
+                name = run_label(self.workspace.runs_dir, run)
+                log = self.workspace.ui_dir / f"{name}.log"
+                self.job = TrainingJob(name=name, run_dir=run, command=[holder.get("command", "")],
+                                       log_path=log if log.is_file() else None, process=None, pid=int(holder["pid"]),
+                                       started=float(holder.get("started", time.time())))
+                return f"{name}: {describe_holder(holder)}"
+        return None
+
     def _spawn(self, name: str, args: list[str], *, append_log: bool) -> TrainingJob:
-        run_dir = self.workspace.runs_dir / name
+        run_dir = self.workspace.run_dir(name)
         log_path = self.workspace.ui_dir / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "tunelab", "train", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "TERM": "dumb"}
+        if not self.allow_hub:  # cached models still load; nothing is downloaded
+            env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         with open(log_path, "a" if append_log else "w", encoding="utf-8") as log:
             log.write("$ tunelab train " + " ".join(args) + "\n")
             log.flush()
-            # Own process group: a Ctrl-C in the UI's terminal is not sent to the training too;
-            # Stop sends it a SIGINT of its own.
+            # Own session and process group: a Ctrl-C in the UI's terminal is not sent to the
+            # training too; Stop signals the whole group.
             process = subprocess.Popen(
                 command, cwd=self.workspace.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        return TrainingJob(name=name, run_dir=run_dir, command=command, log_path=log_path, process=process)
+        return TrainingJob(name=name, run_dir=run_dir, command=command, log_path=log_path, process=process, pid=process.pid)
 
-    def _claim(self) -> None:
+    def _claim(self, name: str) -> None:
         if self.job is not None and self.job.running:
             raise TunelabError(
-                f"a training is already running: {self.job.name} (pid {self.job.process.pid}); one at a time\n"
+                f"a training is already running: {self.job.name} (pid {self.job.pid}); one at a time\n"
                 "  fix: wait for it to finish, or Stop it first"
             )
+        holder = running_holder(self.workspace.run_dir(name))
+        if holder is not None:  # a CLI training, or one of another UI
+            raise TunelabError(f"run {name!r} is being trained by {describe_holder(holder)}\n"
+                               "  fix: wait for it to finish, or stop that process first")
+
+    def _check_allowed(self, config, where: str, *, resuming: bool = False) -> None:
+        """Refuse the keys a UI user must not use unless the server allows them (see the class doc)."""
+        refused = []
+        if config.model.trust_remote_code and not self.allow_remote_code:
+            refused.append("model.trust_remote_code: true runs code from the model's repository "
+                           "(allowed only when the UI is started with --allow-remote-code)")
+        if config.output.overwrite and not self.allow_overwrite and not resuming:  # a resume deletes nothing
+            refused.append("output.overwrite: true deletes the results of the run it names "
+                           "(allowed only with --allow-overwrite; pick a new run name instead)")
+        if not self.allow_hub:
+            for key, value in (("model.name", config.model.name), ("data.train", config.data.train),
+                               ("data.eval", config.data.eval)):
+                if value and not (self.workspace.cwd / Path(value).expanduser()).exists():
+                    refused.append(f"{key}: {value!r} is not a local path, and this UI does not download from the "
+                                   "Hugging Face Hub (allowed only with --allow-hub)")
+        if refused:
+            raise TunelabError(f"{where}: refused:\n  " + "\n  ".join(refused))
 
     def start(self, config_text: str, name: str, data: str | None = None) -> TrainingJob:
         """Validate the edited config (plus the UI's overrides) and start training it as run NAME."""
         from tunelab.files import write_text_atomic
 
         with self._lock:
-            self._claim()
             config = check_config_text(config_text)
             name = (name or "").strip() or config.output.name or "ui-run"
-            self.workspace.run_dir(name)  # a plain folder name
+            if "/" in name:
+                raise TunelabError(f"not a run name for a new run: {name!r}\n  fix: one folder name, no '/'")
+            self._claim(name)
             overrides = [f"output.dir={self.workspace.runs_dir}", f"output.name={name}"]
             if data and data.strip():
                 overrides.append(f"data.train={self.workspace.check_path(data, 'data file')}")
             config = check_config_text(config_text, overrides)
+            self._check_allowed(config, "config")
             for key, value in (("data.train", config.data.train), ("data.eval", config.data.eval), ("model.name", config.model.name)):
                 # Local paths only (the trainer runs in the working directory); hub ids are not files.
                 if value and (self.workspace.cwd / Path(value).expanduser()).exists():
@@ -596,23 +724,25 @@ class TrainingManager:
 
     def resume(self, name: str) -> TrainingJob:
         """Continue run NAME from its newest checkpoint: `tunelab train RUNS/NAME/config.yaml --resume`."""
+        from tunelab.config import load_config
+
         with self._lock:
-            self._claim()
+            self._claim(name)
             run_dir = self.workspace.run_dir(name)
             if not (run_dir / "config.yaml").is_file():
                 raise TunelabError(f"no run named {name!r} in {self.workspace.runs_dir}\n  fix: give the name of a stopped run")
             if newest_checkpoint(run_dir) is None:
                 raise TunelabError(f"run {name!r} has no checkpoint to resume from\n  fix: start it again instead")
-            args = [str(run_dir / "config.yaml"), "--resume", f"output.dir={self.workspace.runs_dir}", f"output.name={name}"]
+            config = load_config(run_dir / "config.yaml")
+            self._check_allowed(config, f"{run_dir / 'config.yaml'}", resuming=True)
+            args = [str(run_dir / "config.yaml"), "--resume", f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"]
             self.job = self._spawn(name, args, append_log=True)
             return self.job
 
     def stop(self, grace_s: float = 60.0) -> str:
-        """End the running training like Ctrl-C (SIGINT), then SIGTERM, then SIGKILL if it hangs.
-
-        What the trainer does on SIGINT decides what is saved since the last checkpoint; the
-        periodic checkpoints already written are complete (atomic) and `resume` continues
-        from the newest one.
+        """End the running training as the trainer expects: SIGINT (it finishes the step, writes a
+        checkpoint and exits), then after `grace_s` a second signal (it stops at once; only
+        complete checkpoints remain), then SIGKILL. Signals go to the training's process group.
         """
         job = self.job
         if job is None or not job.running:
@@ -620,14 +750,12 @@ class TrainingManager:
         job.stop_requested = True
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
             try:
-                job.process.send_signal(sig)
+                job.signal(sig)
             except ProcessLookupError:
                 break
-            try:
-                job.process.wait(wait_s)
+            job.killed = sig == signal.SIGKILL
+            if job.wait(wait_s):
                 break
-            except subprocess.TimeoutExpired:
-                continue
         return self.status()
 
     def status(self) -> str:
@@ -635,18 +763,25 @@ class TrainingManager:
         if job is None:
             return "no training started from this UI yet"
         if job.running:
-            return f"training {job.name}: running (pid {job.process.pid}, {time.time() - job.started:.0f} s)"
-        code = job.process.returncode
-        how = "stopped" if job.stop_requested else ("finished" if code == 0 else "failed")
-        text = f"training {job.name}: {how} (exit code {code})"
+            before = " (started before this UI)" if job.adopted else ""
+            return f"training {job.name}: running{before} (pid {job.pid}, {time.time() - job.started:.0f} s)"
+        code = job.returncode
         checkpoint = newest_checkpoint(job.run_dir)
-        if code != 0 and checkpoint is not None:
+        if job.adopted:
+            how = "done" if (job.run_dir / "final").is_dir() else "ended"
+            text = f"training {job.name}: {how} (started before this UI)"
+        elif job.killed:
+            text = f"training {job.name}: killed (it did not stop within the grace period)"
+        else:
+            how = "stopped" if job.stop_requested else ("finished" if code == 0 else "failed")
+            text = f"training {job.name}: {how} (exit code {code})"
+        if code != 0 and checkpoint is not None and not (job.run_dir / "final").is_dir():
             text += f"; newest checkpoint {checkpoint.name}: Resume continues from it"
         return text
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         job = self.job
-        if job is None or not job.log_path.is_file():
+        if job is None or job.log_path is None or not job.log_path.is_file():
             return ""
         with open(job.log_path, "rb") as handle:  # the end only: a long run's log can be large
             handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
@@ -656,6 +791,7 @@ class TrainingManager:
         return "\n".join(kept[-lines:])
 
     def shutdown(self) -> None:
-        """Stop a running training when the UI exits (it would otherwise run on unattended)."""
-        if self.job is not None and self.job.running:
+        """Stop a training this UI started when the UI exits (Ctrl-C, SIGTERM, SIGHUP): it would
+        otherwise run on unattended. One found running at start-up is left to its owner."""
+        if self.job is not None and not self.job.adopted and self.job.running:
             self.stop(grace_s=30.0)
