@@ -363,6 +363,12 @@ def test_twenty_concurrent_chat_users_all_get_answers(live, workspace_dir):
     print(f"20 users answered in {time.monotonic() - started:.1f} s; peak RSS +{peak[0] - rss_before:.0f} MB")
 
 
+def engine_params():
+    from tunelab.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=1)
+
+
 def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspace_dir, tmp_path):
     import shutil
 
@@ -382,7 +388,11 @@ def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspac
     assert a in cache.describe() and c in cache.describe() and b not in cache.describe()  # FIFO would drop A
     cache.get(a)
     assert cache.loads == 3
+    engine = cache.engine(a)
+    assert cache.engine(a) is engine and engine.model is cache.get(a)[0]  # one engine per loaded model
     assert cache.unload().startswith("0 of 2 model slots used")
+    with pytest.raises(Exception, match="engine is closed"):  # unload also let go of the idle engine
+        engine.submit([5], engine_params())
     cache.get(a)
     assert cache.loads == 4
 
