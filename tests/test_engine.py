@@ -182,3 +182,18 @@ def test_threads_submitting_at_once_get_their_own_answers(llama, tokenizer, prom
     finally:
         engine.close()
     assert [results[i] for i in range(len(prompts))] == [hf_greedy(llama, p, 6) for p in prompts]
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(llama, tokenizer, prompts, monkeypatch):
+    engine = Engine(llama, tokenizer, stop_token_ids=[])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(llama, "forward", broken)
+    request = engine.submit(prompts[0], SamplingParams(max_new_tokens=3))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        request.wait()
+    assert request.done and engine.active == 0
+    monkeypatch.undo()
+    assert engine.generate([prompts[0]], SamplingParams(max_new_tokens=3))[0].token_ids == hf_greedy(llama, prompts[0], 3)

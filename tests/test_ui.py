@@ -126,14 +126,38 @@ def test_chat_keeps_history_and_rejects_paths_outside(client, workspace_dir):
     assert client.predict(api_name="/clear") == []
 
 
-def test_stop_ends_a_reply_early(live, workspace_dir):
+def test_stop_and_clear_cancel_the_reply_and_free_its_slot(client, live, workspace_dir):
+    """Stop and Clear cancel this session's reply at the next token: the reply ends far short of
+    its limit and the model's engine has no request left."""
     _, workspace, cache, _ = live
-    model, tokenizer = cache.get(workspace.model_source(str(workspace_dir / "runs" / "tiny")))
-    stop = threading.Event()
-    stop.set()  # set before the first token: generation ends after one step
-    texts = list(core.chat_stream(model, tokenizer, [], "hi", max_new_tokens=200, temperature=0.0, top_p=1.0, stop=stop))
-    full = list(core.chat_stream(model, tokenizer, [], "hi", max_new_tokens=200, temperature=0.0, top_p=1.0))
-    assert len(tokenizer(texts[-1])["input_ids"]) <= 2 < len(tokenizer(full[-1])["input_ids"])
+    run = str(workspace_dir / "runs" / "tiny")
+    engine = cache.engine(workspace.model_source(run))
+    tokenizer = engine.tokenizer
+    for action in ("/stop", "/clear"):
+        job = client.submit(**chat_args("Tell me a long story", run, max_new_tokens=900), api_name="/chat")
+        started = time.monotonic()
+        while engine.active == 0 and not job.done() and time.monotonic() - started < 60:
+            time.sleep(0.01)
+        assert engine.active == 1, "the reply is being generated"
+        client.predict(api_name=action)
+        history, _, _ = job.result(timeout=120)
+        assert len(tokenizer(core.text_of(history[-1]["content"]))["input_ids"]) < 300
+        assert engine.active == 0 and engine.waiting == 0
+
+
+def test_a_reply_nobody_reads_is_cancelled(live, workspace_dir):
+    """A closed tab stops reading the reply's stream: closing it cancels the request."""
+    _, workspace, cache, _ = live
+    engine = cache.engine(workspace.model_source(str(workspace_dir / "runs" / "tiny")))
+    requests = []
+    stream = core.chat_stream(
+        engine.model, engine.tokenizer, [], "hi", max_new_tokens=900, temperature=1.0, top_p=1.0,
+        engine=engine, on_request=requests.append,
+    )
+    next(stream), next(stream)  # submitted, and the first piece arrived
+    stream.close()
+    assert requests[0].wait(timeout=30).finish_reason == "cancelled"
+    assert requests[0].result.completion_tokens < 300 and engine.active == 0
 
 
 def test_stop_endpoint_ends_only_that_sessions_reply(live, workspace_dir):
@@ -401,6 +425,12 @@ def test_twenty_concurrent_chat_users_all_get_answers(live, workspace_dir):
     print(f"20 users answered in {time.monotonic() - started:.1f} s; peak RSS +{peak[0] - rss_before:.0f} MB")
 
 
+def engine_params():
+    from tunelab.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=1)
+
+
 def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspace_dir, tmp_path):
     import shutil
 
@@ -420,7 +450,11 @@ def test_model_cache_loads_once_and_evicts_least_recent(tiny_model_dir, workspac
     assert a in cache.describe() and c in cache.describe() and b not in cache.describe()  # FIFO would drop A
     cache.get(a)
     assert cache.loads == 3
+    engine = cache.engine(a)
+    assert cache.engine(a) is engine and engine.model is cache.get(a)[0]  # one engine per loaded model
     assert cache.unload().startswith("0 of 2 model slots used")
+    with pytest.raises(Exception, match="engine is closed"):  # unload also let go of the idle engine
+        engine.submit([5], engine_params())
     cache.get(a)
     assert cache.loads == 4
 

@@ -22,7 +22,6 @@ its paged-attention kernels are aimed at CUDA.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -208,7 +207,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, stop_token_ids: Iterable[int] | None = None) -> None:
         if max_batch_size < 1:
             raise TunelabError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.model = model.eval()
+        self.model = model  # in eval mode, as the caller left it (a training loop's rollouts switch back)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         if stop_token_ids is None:
@@ -231,6 +230,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (rows, L) 1 = real token in the cache
         self._lengths: torch.Tensor | None = None  # (rows,) real tokens in the cache = next position id
         self._pending: torch.Tensor | None = None  # (rows,) last chosen token, not yet in the cache
+        self._admitting: list[GenerationRequest] = []  # taken from the queue, being prefilled
 
     # ---------------------------------------------------------------- public API
 
@@ -247,7 +247,8 @@ class Engine:
             )
         request = GenerationRequest(self, prompt_ids, params)
         if not params.greedy:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            # Unseeded: one draw from torch's global RNG, so torch.manual_seed makes a script repeatable.
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
             request._generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._work:
             if self._closing:
@@ -309,8 +310,9 @@ class Engine:
                 if self._rows:
                     self._decode()
             except BaseException as error:  # a failed forward fails every request it touched
-                for request in self._rows + self._take_queue():
+                for request in self._rows + self._admitting:
                     request._fail(error)
+                self._admitting = []
                 self._reset_batch()
                 raise
 
@@ -364,7 +366,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into the free slots and merge their cache into the batch's."""
-        new = self._take_queue(self.max_batch_size - len(self._rows))
+        new = self._admitting = self._take_queue(self.max_batch_size - len(self._rows))
         if not new:
             return
         from transformers import DynamicCache
@@ -392,6 +394,7 @@ class Engine:
         for request in new:
             request._seen = torch.tensor(request.prompt_ids, device=self.device)
         self._merge(out.past_key_values, mask, lengths, new)
+        self._admitting = []
         start = len(self._rows) - len(new)
         self._accept(list(range(start, len(self._rows))), out.logits[:, -1])
 

@@ -1,4 +1,5 @@
-"""Text generation from a loaded model: batched greedy/sampled completions and a chat session.
+"""Text generation from a loaded model: batched greedy/sampled completions and a chat session,
+all decoded by the continuous-batching engine (`tunelab.engine`).
 
 The prompt is rendered with the tokenizer's chat template (the one saved with the run, so
 inference sees the same format as training) and generation stops at the end-of-turn
@@ -20,6 +21,7 @@ from typing import TextIO
 
 import torch
 
+from tunelab.engine import Engine, SamplingParams
 from tunelab.errors import DataError, TunelabError
 from tunelab.files import write_text_atomic
 
@@ -194,6 +196,23 @@ def trim_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> list[int]:
     return out
 
 
+def sampling_params(settings: GenerationSettings, seed: int | None = None, stop: Sequence[str] = ()) -> SamplingParams:
+    """The engine's per-request settings for one of `settings`' samples."""
+    return SamplingParams(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=seed,
+        stop=tuple(stop),
+    )
+
+
+def sample_seed(seed: int, prompt: int, sample: int) -> int:
+    """A distinct, repeatable seed for sample `sample` of prompt number `prompt` under run seed `seed`
+    (so a sample never depends on which other prompts share its batch)."""
+    return (seed * 1_000_003 + prompt * 1009 + sample) % 2**62
+
+
 def generate_completions(
     model: torch.nn.Module,
     tokenizer,
@@ -206,42 +225,59 @@ def generate_completions(
 ) -> list[list[Completion]]:
     """Generate `settings.num_samples` completions for each tokenized prompt, in input order.
 
-    Prompts are grouped by length into batches (less padding); `seed` makes sampling
-    reproducible for the same prompts and batch size.
+    PyTorch models run on the continuous-batching `Engine` with `batch_size` slots: a row that
+    finishes is replaced by the next prompt at once. `seed` gives every sample its own seed
+    (`sample_seed`), so samples repeat whatever the batch size; without it they follow torch's
+    global RNG. Exported runtimes (ONNX) keep their own `generate`.
     """
     from tunelab.console import progress
     from rich.progress import TextColumn
 
     settings.check()
+    if not isinstance(model, torch.nn.Module):
+        return _generate_with_runtime(model, tokenizer, prompts, settings, batch_size=batch_size, seed=seed)
+    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    requests = [
+        engine.submit(list(ids), sampling_params(settings, None if seed is None else sample_seed(seed, i, k)))
+        for i, ids in enumerate(prompts)
+        for k in range(settings.num_samples)
+    ]
+    started = time.perf_counter()
+    with progress(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task(description, total=len(requests), rate="")
+        while engine.active or engine.waiting:
+            engine.step()
+            finished = sum(r.done for r in requests)
+            tokens = sum(len(r.token_ids) for r in requests)
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=finished, rate=f"{rate:.0f} tok/s")
+    results = [r.wait() for r in requests]
+    k = settings.num_samples
+    return [
+        [Completion(text=r.text.strip(), tokens=r.completion_tokens) for r in results[i * k : (i + 1) * k]]
+        for i in range(len(prompts))
+    ]
+
+
+def _generate_with_runtime(model, tokenizer, prompts, settings: GenerationSettings, *, batch_size: int, seed: int | None):
+    """Left-padded batches through the model's own `generate` (an exported ONNX model's runtime)."""
     if seed is not None:
         from transformers import set_seed
 
         set_seed(seed)
     config = build_generation_config(tokenizer, model, settings)
     stop_ids = set(end_of_turn_ids(tokenizer, model))
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[Completion]] = [[] for _ in prompts]
-    device = model_device(model)
-    generated_tokens = 0
-    started = time.perf_counter()
-    with progress(TextColumn("{task.fields[rate]}")) as bar, torch.inference_mode():
-        task = bar.add_task(description, total=len(prompts), rate="")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths, less padding
+    with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in batch], config.pad_token_id)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-            )
-            new_tokens = output[:, input_ids.shape[1] :].tolist()
-            for row, tokens in enumerate(new_tokens):
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row, tokens in enumerate(output[:, input_ids.shape[1] :].tolist()):
                 kept = trim_at_stop(tokens, stop_ids)
                 text = tokenizer.decode(kept, skip_special_tokens=True).strip()
                 results[batch[row // settings.num_samples]].append(Completion(text=text, tokens=len(kept)))
-                generated_tokens += len(kept)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=len(batch), rate=f"{generated_tokens / elapsed:.0f} tok/s")
     return results
 
 
@@ -473,52 +509,21 @@ def stream_reply(
     on_text: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
 ) -> str:
-    """Generate one reply in a background thread, passing text pieces to `on_text` as they come.
+    """Generate one reply on the engine, passing text pieces to `on_text` as they are decoded.
 
-    Setting `stop` (from another thread: a Stop button) ends generation after the current token.
+    Setting `stop` (from another thread: a Stop button) ends generation at the next token.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    config = build_generation_config(tokenizer, model, GenerationSettings(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
-    ))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    input_ids, attention_mask = left_pad([prompt_ids], config.pad_token_id)
-    device = model_device(model)
-    failure: list[BaseException] = []
-    criteria = None
-    if stop is not None:
-
-        class StopWhenSet(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        criteria = StoppingCriteriaList([StopWhenSet()])
-
-    def run() -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                    streamer=streamer,
-                    stopping_criteria=criteria,
-                )
-        except BaseException as err:  # re-raised in the caller's thread below
-            failure.append(err)
-            streamer.end()
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    request = engine.submit(list(prompt_ids), sampling_params(settings))
     pieces = []
-    for piece in streamer:
+    if stop is not None and stop.is_set():
+        request.cancel()
+    for piece in request.stream():
         pieces.append(piece)
         if on_text is not None:
             on_text(piece)
-    worker.join()
-    if failure:
-        raise failure[0]
+        if stop is not None and stop.is_set():
+            request.cancel()
     return "".join(pieces).strip()
 
 

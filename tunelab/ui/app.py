@@ -60,23 +60,28 @@ def frame(rows: list[dict], columns: list[str], numeric: tuple[str, ...] = ("ste
     return data
 
 
-class StopEvents:
-    """One stop flag per browser session: Stop ends that session's reply, nobody else's."""
+class LiveReplies:
+    """The replies each browser session is generating, so that its Stop, Clear or closing its tab
+    cancels them at the next token (freeing their engine slots), and nobody else's."""
 
     def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
+        self._requests: dict[str, list] = {}  # session hash -> its GenerationRequests
         self._lock = threading.Lock()
 
-    def fresh(self, session: str) -> threading.Event:
+    def add(self, session: str, request) -> None:
         with self._lock:
-            event = self._events[session] = threading.Event()
-            return event
+            live = [r for r in self._requests.get(session, []) if not r.done]
+            self._requests[session] = live + [request]
 
-    def set(self, session: str) -> None:
+    def cancel(self, session: str) -> None:
         with self._lock:
-            event = self._events.get(session)
-        if event is not None:
-            event.set()
+            requests = self._requests.pop(session, [])
+        for request in requests:
+            request.cancel()
+
+
+def session_of(request: gr.Request | None) -> str:
+    return request.session_hash if request is not None and request.session_hash else "api"
 
 
 def polling(trainer: core.TrainingManager) -> gr.Timer:
@@ -94,42 +99,55 @@ def build_app(
     poll_s: float = 1.0,
 ) -> gr.Blocks:
     """The five tabs. `concurrency` caps simultaneous model loads + generations (one queue slot)."""
-    stops = StopEvents()
+    live = LiveReplies()
 
     # ------------------------------------------------------------------ handlers: chat, compare
     @user_errors
     def chat(message, history, source, system, temperature, top_p, max_new_tokens, request: gr.Request):
         if not (message or "").strip():
             raise TunelabError("type a message first")
-        model, tokenizer = cache.get(workspace.model_source(source))
-        stop = stops.fresh(request.session_hash if request else "api")
+        engine = cache.engine(workspace.model_source(source))
+        session = session_of(request)
+        live.cancel(session)  # a new message replaces a reply still running in this session
         turns = list(history or []) + [{"role": "user", "content": message}]
         yield turns + [{"role": "assistant", "content": ""}], "", cache.describe()
         text = ""
         for text in core.chat_stream(
-            model, tokenizer, history or [], message, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, system=system, stop=stop,
+            engine.model, engine.tokenizer, history or [], message, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, system=system, engine=engine,
+            on_request=lambda r: live.add(session, r),
         ):
             yield turns + [{"role": "assistant", "content": text}], "", gr.skip()
 
     def stop_reply(request: gr.Request):
-        stops.set(request.session_hash if request else "api")
+        live.cancel(session_of(request))
+
+    def clear_chat(request: gr.Request):
+        live.cancel(session_of(request))
+        return []
 
     @user_errors
-    def compare(prompt, source_a, source_b, source_c, system, temperature, max_new_tokens):
+    def compare(prompt, source_a, source_b, source_c, system, temperature, max_new_tokens, request: gr.Request):
         if not (prompt or "").strip():
             raise TunelabError("type a prompt first")
         sources = [s for s in (source_a, source_b, source_c) if (s or "").strip()]
         if len(sources) < 2:
             raise TunelabError("pick at least two models to compare")
-        answers = ["", "", ""]
+        session = session_of(request)
+        # Every model's request is submitted before any is read: their engines decode side by side.
+        streams = {}
         for slot, source in enumerate((source_a, source_b, source_c)):
-            if not (source or "").strip():
-                continue
-            model, tokenizer = cache.get(workspace.model_source(source))
-            for text in core.chat_stream(
-                model, tokenizer, [], prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, system=system
-            ):
+            if (source or "").strip():
+                engine = cache.engine(workspace.model_source(source))
+                streams[slot] = core.chat_stream(
+                    engine.model, engine.tokenizer, [], prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=1.0, system=system, engine=engine, on_request=lambda r: live.add(session, r),
+                )
+        answers = ["", "", ""]
+        for slot, stream in streams.items():
+            answers[slot] = next(stream)  # renders the prompt and submits the request
+        for slot, stream in streams.items():
+            for text in stream:
                 answers[slot] = text
                 yield tuple(answers)
 
@@ -256,7 +274,7 @@ def build_app(
                 send.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_limit=concurrency, concurrency_id=GENERATE)
                 chat_input.submit(chat, chat_inputs, chat_outputs, api_visibility="private", concurrency_id=GENERATE)
                 stop.click(stop_reply, None, None, api_name="stop", concurrency_limit=None)
-                clear.click(lambda: [], None, chatbot, api_name="clear", concurrency_limit=None)
+                clear.click(clear_chat, None, chatbot, api_name="clear", concurrency_limit=None)
                 chat_refresh.click(model_dropdown_update, None, chat_model, api_name="models", concurrency_limit=None)
                 unload.click(cache.unload, None, memory, api_name="unload", concurrency_limit=None)
 
@@ -305,6 +323,7 @@ def build_app(
                     api_name="open_run", concurrency_limit=None,
                 )
                 demo.load(runs_table, None, [runs, run_name], api_visibility="private", concurrency_limit=None)
+                demo.unload(stop_reply)  # closing or reloading the tab cancels its replies at the next token
 
             with gr.Tab("Data", id="data"):
                 with gr.Row():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -19,9 +18,10 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import yaml
@@ -29,11 +29,15 @@ import yaml
 from tunelab.errors import TunelabError
 from tunelab.runlock import describe_holder, running_holder
 
+if TYPE_CHECKING:
+    from tunelab.engine import Engine, GenerationRequest
+
 DEFAULT_SOURCE = "default"  # the bundled SmolLM2-135M-Instruct, as `tunelab chat default`
 UI_DIR = ".ui"  # RUNS/.ui/: configs and logs of trainings started from the UI
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 64 * 1024
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ENGINE_SLOTS = 8  # requests one model decodes at once in the UI (more wait in its queue)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -166,6 +170,7 @@ class ModelCache:
         self._models: OrderedDict[str, tuple[object, object]] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._engines: dict[str, Engine] = {}  # source key -> its model's engine (see `engine`)
 
     def get(self, source: str | None):
         """(model, tokenizer) for a source as `load_for_inference` names it (None = bundled)."""
@@ -190,15 +195,40 @@ class ModelCache:
                     self._models.popitem(last=False)
         return loaded
 
+    def engine(self, source: str | None) -> Engine:
+        """The generation engine of a source's model (loaded if needed), running in its own
+        thread and shared by every chat and compare request on that model, so concurrent users
+        are decoded in one batch. Engines of models the cache dropped are closed once idle."""
+        from tunelab.engine import Engine
+
+        model, tokenizer = self.get(source)
+        key = source or DEFAULT_SOURCE
+        with self._lock:
+            self._drop_idle_engines()
+            engine = self._engines.get(key)
+            if engine is None or engine.model is not model:
+                engine = self._engines[key] = Engine(model, tokenizer, max_batch_size=ENGINE_SLOTS)
+                engine.start()
+        return engine
+
+    def _drop_idle_engines(self) -> None:
+        """Close the engines of models no longer cached, once they have no request (call with the lock)."""
+        for name, old in list(self._engines.items()):
+            stale = name not in self._models or self._models[name][0] is not old.model
+            if stale and old.active == 0 and old.waiting == 0:
+                del self._engines[name]
+                old.close()
+
     def unload(self) -> str:
         """Drop every cached model and hand the memory back (the Unload button; a training on
-        the same GPU needs it). A reply still streaming keeps its model until it ends."""
+        the same GPU needs it). A reply still streaming keeps its model (and engine) until it ends."""
         import gc
 
         import torch
 
         with self._lock:
             self._models.clear()
+            self._drop_idle_engines()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -250,14 +280,18 @@ def chat_stream(
     temperature: float,
     top_p: float,
     system: str | None = None,
-    stop: threading.Event | None = None,
+    engine: Engine | None = None,
+    on_request: Callable[[GenerationRequest], None] | None = None,
 ) -> Iterator[str]:
     """The reply to `message` after `history`, yielded as the text so far after each new piece.
 
     The prompt is built by `ChatSession` (the run's chat template, oldest turns dropped to
-    fit the context) and streamed by `stream_reply` in a worker thread; `stop` ends it early.
+    fit the context) and decoded by `engine` (the model's shared one, `ModelCache.engine`;
+    a private one if None). `on_request` gets the request at once, so Stop / Clear / closing
+    the tab can cancel it; if the consumer stops reading (a closed tab), it is cancelled too.
     """
-    from tunelab.generate import ChatSession, GenerationSettings, stream_reply
+    from tunelab.engine import Engine, SamplingParams
+    from tunelab.generate import ChatSession, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
     settings.check()
@@ -265,25 +299,20 @@ def chat_stream(
     session = ChatSession(model, tokenizer, settings=settings, system=(system or "").strip() or None, history=turns)
     session.history.append({"role": "user", "content": message})
     prompt_ids = session.fit_prompt()
-    pieces: queue.Queue = queue.Queue()
-    done = object()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            stream_reply(model, tokenizer, prompt_ids, settings, pieces.put, stop=stop)
-        except BaseException as err:  # shown to the user by the caller
-            failure.append(err)
-        finally:
-            pieces.put(done)
-
-    threading.Thread(target=run, daemon=True).start()
+    engine = engine or Engine(model, tokenizer, max_batch_size=1)
+    request = engine.submit(prompt_ids, SamplingParams(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
+    ))
+    if on_request is not None:
+        on_request(request)
     text = ""
-    while (piece := pieces.get()) is not done:
-        text += piece
-        yield text
-    if failure:
-        raise failure[0]
+    try:
+        yield text  # submitted: a caller with several replies (Compare) starts them all before reading one
+        for piece in request.stream():
+            text += piece
+            yield text
+    finally:
+        request.cancel()  # a no-op when finished; frees the slot when the reader went away
     yield text.strip()
 
 
