@@ -50,10 +50,12 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self.handle = None
         self.created_dir = False
+        self.created: list[Path] = []  # folders made by acquire (the run folder, maybe runs/), innermost first
         self.took_over: dict | None = None  # the previous holder's info, when its lock was stale
 
     def acquire(self) -> RunLock:
         self.created_dir = not self.run_dir.exists()
+        self.created = [d for d in [self.run_dir, *self.run_dir.parents] if not d.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
             handle = open(self.path, "a+", encoding="utf-8")
@@ -103,11 +105,12 @@ class RunLock:
             self._remove_dir_if_empty()
 
     def _remove_dir_if_empty(self) -> None:
-        if self.created_dir:
+        """Remove the folders acquire made (RUN, and `runs/` when it was new too) while empty."""
+        for directory in self.created:
             try:
-                self.run_dir.rmdir()
-            except OSError:  # not empty: the training wrote into it
-                pass
+                directory.rmdir()
+            except OSError:  # not empty: the training wrote into it (or another run did)
+                return
 
     def __enter__(self) -> RunLock:
         return self.acquire()
