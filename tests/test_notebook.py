@@ -55,5 +55,5 @@ def test_notebook_trains_on_the_drive_folder_resumes_after_a_restart_and_chats(t
     second = execute(copy.deepcopy(nb), tmp_path)  # a new kernel: the restarted runtime
     assert "Traceback" not in second and "error:" not in second, second[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step-2'} (step 2" in second.replace("\n", "")
-    assert "step 0: eval loss" in first and "step 0: eval loss" not in second  # no fresh start the second time
+    assert "step 0: eval_loss" in first and "step 0: eval_loss" not in second  # no fresh start the second time
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
