@@ -113,7 +113,7 @@ def test_a_two_term_task_logs_every_term_and_selects_by_its_own_metric(tiny_mode
         "make_batches", "run_meta", "final_scores")})
     toy.UNITS = Units(term="nll", key="tokens", label="target tokens", rate="tok/s")
     toy.SELECT = Selection("eval_loss/rows", higher_is_better=True)
-    toy.loss_module = lambda model, *, data, say=print: TwoTermLoss(model)
+    toy.loss_module = lambda model, *, data, run_dir=None, say=print: TwoTermLoss(model)
     toy.eval_record = lambda means: {}
     monkeypatch.setattr("tunelab.train.task_module", lambda name: toy)
     config = load_config(None, [
