@@ -301,7 +301,7 @@ def _required_text(data: dict[str, Any], field: str, where: Location, fmt: str, 
     if value is None:
         raise where.error(f'field "{field}" is missing; {fmt} records need {_expected_fields(fmt, field_map)}')
     if not isinstance(value, str):
-        raise where.error(f'field "{field}" must be a string, got {_describe(value)}')
+        raise where.error(f'field "{field}" must be a string, got {describe_value(value)}')
     if not value.strip():
         raise where.error(f'field "{field}" is empty')
     return value
@@ -312,11 +312,12 @@ def _optional_text(data: dict[str, Any], field: str, where: Location) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise where.error(f'field "{field}" must be a string, got {_describe(value)}')
+        raise where.error(f'field "{field}" must be a string, got {describe_value(value)}')
     return value
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A JSON value as an error message names it ("a number (3)", "a list", "an object")."""
     if isinstance(value, bool):
         return f"a boolean ({value})"
     if isinstance(value, (int, float)):
@@ -335,7 +336,7 @@ def _message_list(data: dict[str, Any], field: str, where: Location, fmt: str) -
     if value is None:
         raise where.error(f'field "{field}" is missing; {fmt} records need {FORMAT_FIELDS[fmt]}')
     if not isinstance(value, list):
-        raise where.error(f'field "{field}" must be a list of messages, got {_describe(value)}')
+        raise where.error(f'field "{field}" must be a list of messages, got {describe_value(value)}')
     if not value:
         raise where.error(f'field "{field}" is an empty list; a conversation needs a user and an assistant message')
     return value
@@ -345,7 +346,7 @@ def _chat_messages(data: dict[str, Any], where: Location) -> list[dict[str, str]
     messages = []
     for i, message in enumerate(_message_list(data, "messages", where, "chat")):
         if not isinstance(message, dict):
-            raise where.error(f'messages[{i}] must be an object {{"role", "content"}}, got {_describe(message)}')
+            raise where.error(f'messages[{i}] must be an object {{"role", "content"}}, got {describe_value(message)}')
         role = message.get("role")
         if role not in CHAT_ROLES:
             got = "missing" if role is None else repr(role)
@@ -361,7 +362,7 @@ def _message_content(content: Any, name: str, where: Location) -> str:
     if content is None:
         raise where.error(f"{name} is missing")
     if not isinstance(content, str):
-        raise where.error(f"{name} must be a string (or a list of text parts), got {_describe(content)}")
+        raise where.error(f"{name} must be a string (or a list of text parts), got {describe_value(content)}")
     if not content.strip():
         raise where.error(f"{name} is empty")
     return content
@@ -371,7 +372,7 @@ def _sharegpt_messages(data: dict[str, Any], where: Location) -> list[dict[str, 
     messages = []
     for i, turn in enumerate(_message_list(data, "conversations", where, "sharegpt")):
         if not isinstance(turn, dict):
-            raise where.error(f'conversations[{i}] must be an object {{"from", "value"}}, got {_describe(turn)}')
+            raise where.error(f'conversations[{i}] must be an object {{"from", "value"}}, got {describe_value(turn)}')
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
             got = "missing" if speaker is None else repr(speaker)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from tunelab.data.formats import CHAT_ROLES, DETECTION_SAMPLE, PREFERENCE_FIELDS, Example, detect_format
+from tunelab.data.formats import CHAT_ROLES, DETECTION_SAMPLE, PREFERENCE_FIELDS, Example, describe_value, detect_format
 from tunelab.data.packing import collate, plan_batches
 from tunelab.data.render import (
     IGNORE_INDEX,
@@ -77,15 +77,11 @@ class PreferenceExample:
 # --- records -> examples -------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    return type(value).__name__ if not isinstance(value, (list, dict)) else ("a list" if isinstance(value, list) else "an object")
-
-
 def _text(value: Any, name: str, where: Location) -> str:
     if value is None:
         raise where.error(f"{name} is missing")
     if not isinstance(value, str):
-        raise where.error(f"{name} must be a string, got {_describe(value)}")
+        raise where.error(f"{name} must be a string, got {describe_value(value)}")
     if not value.strip():
         raise where.error(f"{name} is empty")
     return value
@@ -99,7 +95,7 @@ def _messages(value: Any, name: str, where: Location) -> list[dict[str, str]]:
             raise where.error(f'{name}: text before the first "\\n\\nHuman:" turn: {parts[0][:40]!r}')
         return [{"role": HH_ROLES[role], "content": _text(content.strip(), f"{name} turn {i}", where)} for i, (role, content) in enumerate(zip(parts[1::2], parts[2::2]))]
     if not isinstance(value, list) or not value:
-        raise where.error(f"{name} must be a non-empty list of messages, got {_describe(value)}")
+        raise where.error(f"{name} must be a non-empty list of messages, got {describe_value(value)}")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:

@@ -14,7 +14,6 @@ needs one (`correct` compares final numbers); `skip_invalid` skips and counts su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tunelab.data.formats import normalise
@@ -108,7 +107,3 @@ def _prompt(example, record: Record, tokenizer, reference_field: str, max_prompt
 
     ids = encode_prompt(tokenizer, messages)[-max_prompt_tokens:]
     return Prompt(ids=ids, text=tokenizer.decode(ids), reference=reference, source=where)
-
-
-def prompt_lengths(prompts: Sequence[Prompt]) -> list[int]:
-    return [len(p) for p in prompts]
